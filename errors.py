@@ -1,0 +1,110 @@
+"""One exception hierarchy for the whole kit.
+
+Every error a user can hit derives from :class:`FundusEdgeError`, carries a message that says what to do,
+and maps to a stable process exit code so CI jobs can tell failures apart.
+"""
+
+from __future__ import annotations
+
+
+class FundusEdgeError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with; ``code`` is a stable machine-readable name."""
+
+    exit_code = 1
+    code = "error"
+
+
+class UsageError(FundusEdgeError):
+    """Bad arguments or input files given by the user."""
+
+    exit_code = 2
+    code = "usage"
+
+
+class MissingDependencyError(FundusEdgeError):
+    """An optional package is not installed; the message names the extra to install."""
+
+    exit_code = 3
+    code = "missing-dependency"
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{purpose} needs the '{package}' package, which is not installed. "
+            f"Install it with: pip install 'fundus-edge[{extra}]'"
+        )
+
+
+class BundleError(FundusEdgeError):
+    """A bundle cannot be used: missing, wrong schema, or failed verification."""
+
+    exit_code = 4
+    code = "bundle"
+
+
+class BundleIntegrityError(BundleError):
+    """A file in the bundle does not match the checksum in its manifest."""
+
+    code = "bundle-integrity"
+
+
+class ModelLoadError(FundusEdgeError):
+    """A model file or checkpoint could not be loaded into the named architecture."""
+
+    exit_code = 5
+    code = "model-load"
+
+
+class ExportError(FundusEdgeError):
+    """Export failed, or the exported model disagrees with PyTorch beyond tolerance."""
+
+    exit_code = 6
+    code = "export"
+
+
+class QuantizationError(FundusEdgeError):
+    """Quantization could not produce a model."""
+
+    exit_code = 7
+    code = "quantization"
+
+
+class GateFailedError(FundusEdgeError):
+    """The clinical accuracy gate failed; no bundle was written unless explicitly allowed."""
+
+    exit_code = 8
+    code = "gate-failed"
+
+
+class DataError(FundusEdgeError):
+    """A labels file or image folder cannot be used at all (individual bad rows are reported, not raised)."""
+
+    exit_code = 9
+    code = "data"
+
+
+class ImageError(FundusEdgeError):
+    """One image cannot be screened. Raised per image; a batch records it and continues.
+
+    ``code`` is one of the stable per-image error codes listed in :data:`IMAGE_ERROR_CODES`.
+    """
+
+    exit_code = 10
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in IMAGE_ERROR_CODES:
+            raise ValueError(f"unknown image error code {code!r}")
+        self.code = code
+        super().__init__(message)
+
+
+IMAGE_ERROR_CODES = {
+    "not-found": "the file does not exist or is not readable",
+    "empty-file": "the file is empty",
+    "not-an-image": "the file is not an image format the runtime can read",
+    "decode-failed": "the image is truncated or corrupt",
+    "too-large": "the image exceeds the pixel limit (decompression-bomb guard)",
+    "too-small": "the image is too small to screen",
+    "unsupported-mode": "the image's pixel format cannot be converted to RGB",
+}
