@@ -1,0 +1,94 @@
+"""The backend contract, after Polygraphy's runners: ``activate`` / ``infer`` / ``deactivate``.
+
+The base class checks state and input, and times every call; subclasses implement ``*_impl``. The heavy
+session is created in ``activate`` so that load time and inference time are measured apart.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from ...errors import FundusEdgeError, UsageError
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Runtime knobs that come from the device profile or the command line, never from the model."""
+
+    threads: int = 1
+    providers: tuple[str, ...] = ()
+    graph_optimization: str = "all"  # onnxruntime: "disabled" | "basic" | "extended" | "all"
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise UsageError(f"threads must be >= 0 (0 lets the backend decide), got {self.threads}")
+
+
+@dataclass
+class BackendTimings:
+    load_ms: float = 0.0
+    infer_ms: list[float] = field(default_factory=list)
+
+
+class Backend(ABC):
+    """One model file, one inference engine. Use as a context manager or call activate/deactivate."""
+
+    name = "backend"
+
+    def __init__(self, model_path: str | Path, settings: BackendSettings | None = None) -> None:
+        self.model_path = Path(model_path)
+        self.settings = settings or BackendSettings()
+        self.timings = BackendTimings()
+        self._active = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    def activate(self) -> None:
+        if self._active:
+            return
+        if not self.model_path.is_file():
+            raise FundusEdgeError(f"model file {self.model_path} does not exist")
+        t0 = time.perf_counter()
+        self.activate_impl()
+        self.timings.load_ms = (time.perf_counter() - t0) * 1e3
+        self._active = True
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a float32 batch laid out as the artifact expects; returns float32 outputs."""
+        if not self._active:
+            raise FundusEdgeError(f"{self.name} backend is not active; call activate() first")
+        if batch.dtype != np.float32:
+            raise UsageError(f"{self.name} backend takes float32 input, got {batch.dtype}")
+        t0 = time.perf_counter()
+        out = self.infer_impl(batch)
+        self.timings.infer_ms.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def deactivate(self) -> None:
+        if self._active:
+            self.deactivate_impl()
+            self._active = False
+
+    def __enter__(self) -> Backend:
+        self.activate()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...

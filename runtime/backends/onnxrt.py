@@ -1,0 +1,47 @@
+"""onnxruntime backend (CPU by default; providers from the settings, e.g. TensorRT -> CUDA -> CPU on Jetson)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...errors import MissingDependencyError
+from .base import Backend
+
+_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", "onnx", "The ONNX backend") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def activate_impl(self) -> None:
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.settings.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.settings.graph_optimization])
+        opts.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = [p for p in self.settings.providers if p in available] or ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        self.providers = self._session.get_providers()
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        out = self._session.run([self._output], {self._input: batch})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def deactivate_impl(self) -> None:
+        del self._session

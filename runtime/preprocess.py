@@ -1,0 +1,317 @@
+"""Fundus preprocessing: the one implementation used by calibration, evaluation, training and the device.
+
+Steps: decode (EXIF orientation; JPEG draft mode at the smallest DCT scale that still covers the network
+input) -> find the circular field of view on a small proxy image -> crop a square around it -> resize ->
+optional Ben Graham local-average subtraction -> normalise into a float32 tensor.
+
+Every parameter lives in :class:`PreprocessSpec`, which is stored in the bundle manifest, so the device
+reproduces exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageError, UsageError
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+ImageSource = str | os.PathLike[str] | bytes | Image.Image
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Parameters of the preprocessing. Serialised into the bundle manifest as ``preprocessing``."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"
+    resample: str = "bilinear"
+    # Field of view: pixels brighter than this fraction of the 99th-percentile brightness count as retina.
+    fov_threshold: float = 0.12
+    # Draft decode must leave at least `size` pixels across a field of view this small relative to the
+    # image's short side.
+    fov_min_fraction: float = 0.6
+    proxy_size: int = 160
+    draft: bool = True
+    # Ben Graham's local-average subtraction: Gaussian sigma as a fraction of `size`; None disables it.
+    ben_graham_sigma: float | None = None
+    max_pixels: int = 80_000_000
+    min_side: int = 32
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.size <= 4096:
+            raise UsageError(f"preprocessing size must be 16..4096, got {self.size}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UsageError(f"preprocessing layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.resample not in _RESAMPLE:
+            raise UsageError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UsageError("mean and std need three values each, std > 0")
+        if not 0.0 < self.fov_threshold < 1.0:
+            raise UsageError(f"fov_threshold must be in (0, 1), got {self.fov_threshold}")
+        if not 0.1 <= self.fov_min_fraction <= 1.0:
+            raise UsageError(f"fov_min_fraction must be in [0.1, 1], got {self.fov_min_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise UsageError(f"unknown preprocessing fields {sorted(unknown)}; this kit knows {sorted(known)}")
+        kw = dict(data)
+        for key in ("mean", "std"):
+            if key in kw:
+                kw[key] = tuple(float(v) for v in kw[key])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """The detected circular field of view, in the decoded image's pixel coordinates."""
+
+    cx: float
+    cy: float
+    radius: float
+    found: bool
+    coverage: float  # fraction of the decoded image that is retina
+    clipped: bool  # the circle runs past the image edge (common: top/bottom cut)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Preprocessed:
+    """The result of preprocessing one image."""
+
+    tensor: np.ndarray  # (1, 3, S, S) or (1, S, S, 3), float32
+    image: Image.Image  # the square crop resized to S x S, RGB uint8 (for quality checks and previews)
+    fov: FieldOfView
+    original_size: tuple[int, int]
+    decoded_size: tuple[int, int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to an RGB image, EXIF-oriented, using JPEG draft mode when it loses nothing we need.
+
+    Returns the image and the original (undrafted, un-rotated) size. Raises :class:`ImageError`.
+    """
+    if isinstance(source, Image.Image):
+        opened = source
+        original = opened.size
+    else:
+        opened, original = _open(source, spec)
+    try:
+        img = ImageOps.exif_transpose(opened) or opened
+        img = _to_rgb(img)
+        img.load()
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError("decode-failed", f"cannot decode image: {exc}") from exc
+    finally:
+        if opened is not source:
+            opened.close()  # decoded pixels live on in `img`; release the file handle either way
+    if min(img.size) < spec.min_side:
+        raise ImageError("too-small", f"image is {img.size[0]}x{img.size[1]}, smaller than {spec.min_side} px")
+    return img, original
+
+
+def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty-file", "the image data is empty")
+        fp: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError("empty-file", f"{path} is empty (0 bytes)")
+        except OSError as exc:
+            raise ImageError("not-found", f"cannot read {path}: {exc.strerror or exc}") from exc
+        fp = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too-large", f"image refused as a possible decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not-an-image", "not a readable image file (JPEG, PNG, TIFF, BMP, WebP)") from exc
+    except OSError as exc:
+        raise ImageError("decode-failed", f"cannot open image: {exc}") from exc
+    w, h = img.size
+    if w * h > spec.max_pixels:
+        raise ImageError("too-large", f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over {spec.max_pixels / 1e6:.0f} MP")
+    if spec.draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
+        need = math.ceil(spec.size / spec.fov_min_fraction)
+        img.draft(img.mode, (need, need))
+    return img, (w, h)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = max(float(arr.max()), 1.0)
+        gray = Image.fromarray((arr * (255.0 / top)).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError("unsupported-mode", f"cannot convert pixel mode {img.mode!r} to RGB") from exc
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    """Start and end (exclusive) of the longest run of True values; (0, 0) when none."""
+    if not flags.any():
+        return 0, 0
+    padded = np.concatenate(([False], flags, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    starts, ends = edges[0::2], edges[1::2]
+    i = int(np.argmax(ends - starts))
+    return int(starts[i]), int(ends[i])
+
+
+def detect_fov(img: Image.Image, spec: PreprocessSpec) -> FieldOfView:
+    """Find the circular field of view on a small proxy of ``img`` (RGB).
+
+    Robust to rectangular crops (circle cut at top/bottom), notches and burnt-in text: the extent is the
+    longest run of rows/columns that are substantially retina, so small bright marks in the border do not
+    move it.
+    """
+    w, h = img.size
+    factor = max(1, max(w, h) // spec.proxy_size)
+    proxy = img.reduce(factor) if factor > 1 else img
+    arr = np.asarray(proxy)
+    bright = arr.max(axis=2)
+    p99 = float(np.percentile(bright, 99))
+    thr = max(spec.fov_threshold * p99, 6.0)
+    mask = bright > thr
+    ph, pw = mask.shape
+    cols = mask.sum(axis=0)
+    rows = mask.sum(axis=1)
+    coverage = float(mask.mean())
+    if cols.max(initial=0) == 0 or coverage < 0.05:
+        return _fallback_fov(w, h, coverage)
+    # The widest rows straddle the circle's centre row and the tallest columns its centre column, even when
+    # the circle is cut at the top/bottom. Chords through the centre give the diameter; marks in the border
+    # (text, notches) sit off those chords and do not move the result.
+    cy = float(np.median(np.flatnonzero(rows >= 0.98 * rows.max()))) + 0.5
+    cx = float(np.median(np.flatnonzero(cols >= 0.98 * cols.max()))) + 0.5
+    x0, x1 = _longest_run(mask[min(int(cy), ph - 1)])
+    y0, y1 = _longest_run(mask[:, min(int(cx), pw - 1)])
+    dx, dy = x1 - x0, y1 - y0
+    if dx < 0.3 * pw and dy < 0.3 * ph:
+        return _fallback_fov(w, h, coverage)
+    clipped = y0 == 0 or y1 == ph or x0 == 0 or x1 == pw
+    radius = max(dx, dy) / 2.0
+    sx, sy = w / pw, h / ph
+    return FieldOfView(cx=cx * sx, cy=cy * sy, radius=radius * max(sx, sy), found=True, coverage=coverage,
+                       clipped=bool(clipped))
+
+
+def _fallback_fov(w: int, h: int, coverage: float) -> FieldOfView:
+    return FieldOfView(cx=w / 2.0, cy=h / 2.0, radius=min(w, h) / 2.0, found=False, coverage=coverage, clipped=False)
+
+
+def crop_resize(img: Image.Image, fov: FieldOfView, spec: PreprocessSpec) -> Image.Image:
+    """Square crop around the field of view (padding with black past the edges), resized to ``spec.size``."""
+    r = fov.radius
+    box = (
+        round(fov.cx - r),
+        round(fov.cy - r),
+        round(fov.cx + r),
+        round(fov.cy + r),
+    )
+    w, h = img.size
+    size = (spec.size, spec.size)
+    resample = _RESAMPLE[spec.resample]
+    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
+        return img.resize(size, resample, box=box)
+    return img.crop(box).resize(size, resample)
+
+
+def ben_graham(img: Image.Image, sigma_fraction: float) -> np.ndarray:
+    """Local-average subtraction (Graham, Kaggle DR 2015): 4*I - 4*Gauss(I) + 128, outside the FOV set to 128."""
+    size = img.size[0]
+    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma_fraction * size)), dtype=np.float32)
+    out = 4.0 * np.asarray(img, dtype=np.float32) - 4.0 * blurred + 128.0
+    yy, xx = np.ogrid[:size, :size]
+    c = (size - 1) / 2.0
+    outside = (xx - c) ** 2 + (yy - c) ** 2 > (0.95 * size / 2.0) ** 2
+    out[outside] = 128.0
+    return np.clip(out, 0.0, 255.0)
+
+
+def normalize(
+    rgb: Image.Image | np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(x / 255 - mean) / std in one fused pass, into ``out`` (allocated when None) of shape (1, ...)."""
+    arr = np.asarray(rgb)
+    scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32))).astype(np.float32)
+    bias = (-np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32)).astype(np.float32)
+    s = spec.size
+    if spec.layout == "NCHW":
+        if out is None:
+            out = np.empty((1, 3, s, s), dtype=np.float32)
+        np.multiply(arr.transpose(2, 0, 1), scale[:, None, None], out=out[0], casting="unsafe")
+        out[0] += bias[:, None, None]
+    else:
+        if out is None:
+            out = np.empty((1, s, s, 3), dtype=np.float32)
+        np.multiply(arr, scale, out=out[0], casting="unsafe")
+        out[0] += bias
+    return out
+
+
+def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None) -> Preprocessed:
+    """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images."""
+    t0 = time.perf_counter()
+    img, original = decode(source, spec)
+    t1 = time.perf_counter()
+    fov = detect_fov(img, spec)
+    crop = crop_resize(img, fov, spec)
+    pixels: Image.Image | np.ndarray = crop
+    if spec.ben_graham_sigma:
+        pixels = ben_graham(crop, spec.ben_graham_sigma)
+    tensor = normalize(pixels, spec, out=out)
+    t2 = time.perf_counter()
+    return Preprocessed(
+        tensor=tensor,
+        image=crop,
+        fov=fov,
+        original_size=original,
+        decoded_size=img.size,
+        timings_ms={"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3},
+    )
