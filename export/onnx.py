@@ -1,0 +1,85 @@
+"""PyTorch -> ONNX with ``torch.onnx.export(dynamo=True)`` (onnxscript); the legacy TorchScript exporter is
+available as an explicit option, never a silent fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError, MissingDependencyError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+EXPORTERS = ("dynamo", "legacy")
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: Path
+    exporter: str
+    opset: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path.name, "exporter": self.exporter, "opset": self.opset,
+                "seconds": round(self.seconds, 2)}
+
+
+def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", exporter: str = "dynamo",
+                opset: int | None = None) -> OnnxExport:
+    """Export ``module`` (eval mode) with a dynamic batch axis to a single self-contained .onnx file."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingDependencyError("onnx", "export", "ONNX export") from exc
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    module = module.eval()
+    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    example = torch.zeros(shape, dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                try:
+                    import onnxscript  # noqa: F401
+                except ImportError as exc:
+                    raise MissingDependencyError("onnxscript", "export", "The dynamo ONNX exporter") from exc
+                batch = torch.export.Dim("batch", min=1, max=1024)
+                program = torch.onnx.export(
+                    module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                    opset_version=opset, optimize=True, verbose=False,
+                )
+                if program is None:
+                    raise ExportError("torch.onnx.export returned no program")
+                program.save(str(out), external_data=False)
+            else:
+                torch.onnx.export(
+                    module, (example,), str(out), dynamo=False, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=opset or 17,
+                )
+    except (ExportError, MissingDependencyError):
+        raise
+    except Exception as exc:
+        hint = " Try --exporter legacy." if exporter == "dynamo" else ""
+        raise ExportError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: {exc}.{hint}") from exc
+    model = onnx.load(str(out))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
+    opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxExport(out, exporter, int(opset_used), time.perf_counter() - t0)

@@ -1,0 +1,115 @@
+"""The clinical accuracy gate: does an artifact screen as well as the fp32 reference it came from?
+
+Evaluated on the exported files through the runtime's backends (what ships is what is measured). The
+operating point is locked on the fp32 reference; each candidate is compared at that threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .metrics import auc, bootstrap_auc_ci, confusion, lock_threshold, sensitivity_specificity
+
+
+@dataclass(frozen=True)
+class GateCriteria:
+    min_delta_auc: float = -0.005
+    min_delta_sensitivity: float = -0.01
+    max_flip_rate: float = 0.01
+    operating_point: str = "sensitivity>=0.90"
+    n_boot: int = 1000
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics of one model's scores on the validation set at a given threshold."""
+
+    name: str
+    n: int
+    prevalence: float
+    auc: float
+    auc_ci: tuple[float, float]
+    sensitivity: float
+    specificity: float
+    confusion: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["auc_ci"] = list(self.auc_ci)
+        return d
+
+
+def evaluate(name: str, labels: np.ndarray, scores: np.ndarray, threshold: float,
+             criteria: GateCriteria) -> Evaluation:
+    y = np.asarray(labels).astype(int)
+    ci = bootstrap_auc_ci(y, scores, criteria.n_boot, criteria.seed)
+    sens, spec = sensitivity_specificity(y, scores, threshold)
+    return Evaluation(name, len(y), float(y.mean()), auc(y, scores), (ci.low, ci.high), sens, spec,
+                      confusion(y, scores, threshold))
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One candidate against the reference. Truthy when it passes."""
+
+    artifact: str
+    reference: str
+    threshold: float
+    candidate_eval: Evaluation
+    reference_eval: Evaluation
+    delta_auc: float
+    delta_sensitivity: float
+    delta_specificity: float
+    flips: int
+    flip_rate: float
+    criteria: GateCriteria
+    failures: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact, "reference": self.reference, "passed": self.passed,
+            "threshold": self.threshold, "auc": self.candidate_eval.auc,
+            "auc_ci": list(self.candidate_eval.auc_ci), "sensitivity": self.candidate_eval.sensitivity,
+            "specificity": self.candidate_eval.specificity, "confusion": self.candidate_eval.confusion,
+            "delta_auc": self.delta_auc, "delta_sensitivity": self.delta_sensitivity,
+            "delta_specificity": self.delta_specificity, "flips": self.flips, "flip_rate": self.flip_rate,
+            "criteria": self.criteria.to_dict(), "failures": list(self.failures),
+        }
+
+
+def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candidate_scores: np.ndarray,
+         threshold: float, criteria: GateCriteria, reference: str = "onnx-fp32",
+         reference_eval: Evaluation | None = None) -> GateResult:
+    ref = reference_eval or evaluate(reference, labels, reference_scores, threshold, criteria)
+    cand = evaluate(artifact, labels, candidate_scores, threshold, criteria)
+    d_auc = cand.auc - ref.auc
+    d_sens = cand.sensitivity - ref.sensitivity
+    d_spec = cand.specificity - ref.specificity
+    flips = int(np.sum((np.asarray(reference_scores) >= threshold) != (np.asarray(candidate_scores) >= threshold)))
+    rate = flips / len(labels)
+    failures = []
+    if d_auc < criteria.min_delta_auc:
+        failures.append(f"AUC dropped {d_auc:+.4f} (limit {criteria.min_delta_auc:+.4f})")
+    if d_sens < criteria.min_delta_sensitivity:
+        failures.append(f"sensitivity dropped {d_sens:+.4f} (limit {criteria.min_delta_sensitivity:+.4f})")
+    if rate > criteria.max_flip_rate:
+        failures.append(f"{flips} decisions flipped ({rate:.2%}, limit {criteria.max_flip_rate:.2%})")
+    return GateResult(artifact, reference, threshold, cand, ref, d_auc, d_sens, d_spec, flips, rate, criteria,
+                      tuple(failures))
+
+
+__all__ = ["Evaluation", "GateCriteria", "GateResult", "evaluate", "gate", "lock_threshold"]
