@@ -1,0 +1,294 @@
+"""``fundus-edge build``: model -> ONNX fp32 -> parity check -> int8 -> clinical gate -> verified bundle.
+
+Every artifact is evaluated from the file that ships, through the runtime's backend. Work happens in a
+staging directory next to ``out``; the bundle appears (atomically renamed) only when the gate passes, or
+when ``allow_failed_gate`` is set, in which case the manifest says the gate failed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .datasets.labels import LabelledSet, list_images, read_labels
+from .errors import GateFailedError, MissingDependencyError, UsageError
+from .quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
+from .quantization.gate import GateCriteria, GateResult, evaluate, gate
+from .quantization.metrics import lock_threshold
+from .quantization.report import write_reports
+from .runtime.backends import BackendSettings, run_backend
+from .runtime.bundle import write_manifest
+from .runtime.postprocess import referable_probability
+from .runtime.preprocess import PreprocessSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuildConfig:
+    model: str  # path, or "reference:<name>"
+    out: Path
+    calib: Path | None = None
+    val: Path | None = None
+    val_images: Path | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    name: str | None = None
+    class_names: list[str] | None = None
+    positive_classes: list[int] | None = None
+    referable_from: int = 2
+    preprocessing: PreprocessSpec | None = None
+    calib_size: int = 128
+    calib_seed: int = 0
+    exporter: str = "dynamo"
+    export_atol: float = 1e-3
+    parity_images: list[Path] = field(default_factory=list)
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    criteria: GateCriteria = field(default_factory=GateCriteria)
+    allow_failed_gate: bool = False
+    force: bool = False
+    threads: int = 0
+
+
+@dataclass
+class BuildResult:
+    out: Path | None
+    manifest: dict[str, Any] | None
+    report: dict[str, Any]
+    gate_passed: bool
+    report_dir: Path
+
+
+def _stage(log: Log, i: int, n: int, text: str) -> float:
+    log(f"[{i}/{n}] {text}")
+    return time.perf_counter()
+
+
+def _progress(log: Log, what: str) -> Callable[[int, int], None]:
+    step = [0]
+
+    def cb(done: int, total: int) -> None:
+        pct = done * 10 // max(total, 1)
+        if pct > step[0] or done == total:
+            step[0] = pct
+            log(f"      {what}: {done}/{total}")
+
+    return cb
+
+
+def producer_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"fundus_edge": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy", "pillow"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
+    """Run the whole build. Raises :class:`GateFailedError` when the gate fails (unless allowed)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError("torch", "export", "Building a bundle") from exc
+    from .export.load import load_model
+    from .export.onnx import INPUT_NAME, export_onnx
+    from .export.validate import torch_outputs, validate_export
+    from .quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
+    from .runtime.compare import Tolerance
+
+    say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = cfg.out
+    if cfg.calib is None or cfg.val is None:
+        raise UsageError("build needs --calib (a folder of fundus images) and --val (a labels CSV)")
+    if out.exists() and any(out.iterdir()) and not cfg.force:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    n_steps = 6
+    t = _stage(say, 1, n_steps, f"loading model {cfg.model}")
+    loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
+    meta = loaded.meta
+    spec = cfg.preprocessing or (PreprocessSpec.from_dict(meta["preprocessing"]) if "preprocessing" in meta
+                                 else PreprocessSpec())
+    num_classes = loaded.num_classes or int(meta.get("num_classes", 0)) or None
+    class_names = cfg.class_names or meta.get("class_names")
+    positive = cfg.positive_classes or meta.get("positive_classes")
+    probe = torch_outputs(loaded.module, np.zeros((1, 3, spec.size, spec.size), np.float32))
+    n_out = probe.shape[-1]
+    if num_classes and num_classes != n_out:
+        raise UsageError(f"--num-classes {num_classes} but the model outputs {n_out} values")
+    if class_names is None:
+        class_names = ["referable"] if n_out == 1 else (
+            ["no-referable", "referable"] if n_out == 2 else [f"grade-{i}" for i in range(n_out)])
+    if positive is None:
+        positive = [0] if n_out == 1 else ([1] if n_out == 2 else list(range(cfg.referable_from, n_out)))
+    if len(class_names) != n_out:
+        raise UsageError(f"{len(class_names)} class names for a model with {n_out} outputs")
+    say(f"      {loaded.source}: {n_out} outputs, referable classes {positive} ({time.perf_counter() - t:.1f}s)")
+
+    t = _stage(say, 2, n_steps, "preprocessing calibration and validation images (runtime preprocessing)")
+    val: LabelledSet = read_labels(cfg.val, cfg.val_images, cfg.referable_from)
+    for p in val.problems[:5]:
+        say(f"      skipped: {p}")
+    if len(val.problems) > 5:
+        say(f"      ... {len(val.problems) - 5} more skipped rows (all listed in report.json)")
+    val_in = prepare_inputs(val.paths, spec, _progress(say, "validation"))
+    kept = {s: i for i, s in enumerate(map(str, val.paths))}
+    y = np.array([val.referable[kept[s]] for s in val_in.sources], dtype=int)
+    calib_files = list_images(cfg.calib)
+    pick = select_calibration(len(calib_files), cfg.calib_size, cfg.calib_seed)
+    calib_in = prepare_inputs([calib_files[i] for i in pick], spec, _progress(say, "calibration"))
+    parity_in: PreparedInputs | None = prepare_inputs(cfg.parity_images, spec) if cfg.parity_images else None
+    say(f"      {len(val_in.sources)} validation ({int(y.sum())} referable), {len(calib_in.sources)} calibration "
+        f"images ({time.perf_counter() - t:.1f}s)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        t = _stage(say, 3, n_steps, f"exporting ONNX fp32 ({cfg.exporter} exporter) and checking parity")
+        fp32_path = staging / "model.fp32.onnx"
+        exp = export_onnx(loaded.module, fp32_path, spec.size, spec.layout, cfg.exporter)
+        parity_parts = [val_in.tensors[:24], calib_in.tensors[:8]]
+        if parity_in is not None:
+            parity_parts.append(parity_in.tensors)
+        parity_x = np.concatenate(parity_parts)
+        tol = Tolerance(atol=cfg.export_atol)
+        parity = validate_export(loaded.module, "onnx", fp32_path, parity_x, positive, tol, name="onnx-fp32")
+        say(f"      {parity.row()} ({time.perf_counter() - t:.1f}s)")
+
+        artifacts: list[dict[str, Any]] = [{"id": "onnx-fp32", "path": fp32_path.name, "format": "onnx",
+                                             "precision": "fp32", "layout": spec.layout, "io_dtype": "float32"}]
+        quant_summary: dict[str, Any] = {}
+        if "int8" in cfg.precisions:
+            t = _stage(say, 4, n_steps, f"quantizing to int8 (QDQ, per-channel, u8/s8) on "
+                                        f"{len(calib_in.sources)} calibration images")
+            int8_path = staging / "model.int8.onnx"
+            pre = preprocess_for_quantization(fp32_path, staging / "pre.onnx")
+            q = quantize_onnx(fp32_path, int8_path, calib_in.tensors, INPUT_NAME, OnnxQuantConfig(),
+                              cache_path=staging / "calibration.json", preprocessed=pre)
+            pre.unlink()
+            (staging / "calibration.json").unlink(missing_ok=True)
+            quant_summary["onnx-int8"] = {**q.to_dict(), "calibration_selection": {
+                "from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
+                "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}}
+            artifacts.append({"id": "onnx-int8", "path": int8_path.name, "format": "onnx", "precision": "int8",
+                              "layout": spec.layout, "io_dtype": "float32"})
+            say(f"      int8 MAC share {q.int8_mac_fraction:.1%}, quantized ops {q.quantized_ops} "
+                f"({time.perf_counter() - t:.1f}s)")
+        else:
+            _stage(say, 4, n_steps, "int8 not requested; skipping quantization")
+
+        t = _stage(say, 5, n_steps, "clinical gate: evaluating the shipped files through the runtime backend")
+        settings = BackendSettings(threads=cfg.threads)
+        scores: dict[str, np.ndarray] = {}
+        for a in artifacts:
+            logits, backend = run_backend(a["format"], staging / a["path"], val_in.tensors, settings)
+            scores[a["id"]] = referable_probability(logits, positive)
+            a["mean_infer_ms"] = float(np.mean(backend.timings.infer_ms))
+            a["bytes"] = (staging / a["path"]).stat().st_size
+        ref_id = "onnx-fp32"
+        threshold = lock_threshold(y, scores[ref_id], cfg.criteria.operating_point)
+        ref_eval = evaluate(ref_id, y, scores[ref_id], threshold, cfg.criteria)
+        gates: list[GateResult] = [gate(a["id"], y, scores[ref_id], scores[a["id"]], threshold, cfg.criteria,
+                                        ref_id, ref_eval) for a in artifacts if a["id"] != ref_id]
+        for g in gates:
+            say(f"      {g.artifact}: AUC {g.candidate_eval.auc:.4f} (Δ {g.delta_auc:+.4f}), sensitivity "
+                f"{g.candidate_eval.sensitivity:.4f} (Δ {g.delta_sensitivity:+.4f}), flips {g.flips} -> "
+                f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
+        gate_passed = all(gates)
+        say(f"      reference {ref_id}: AUC {ref_eval.auc:.4f} ({ref_eval.auc_ci[0]:.3f}-{ref_eval.auc_ci[1]:.3f}), "
+            f"threshold {threshold:.4f}, sensitivity {ref_eval.sensitivity:.4f}, specificity "
+            f"{ref_eval.specificity:.4f} ({time.perf_counter() - t:.1f}s)")
+        for a in artifacts:
+            g_match = next((g for g in gates if g.artifact == a["id"]), None)
+            a["gate"] = g_match.to_dict() if g_match else {"passed": parity.passed, "role": "reference",
+                                                           "auc": ref_eval.auc, "sensitivity": ref_eval.sensitivity,
+                                                           "specificity": ref_eval.specificity}
+        report: dict[str, Any] = {
+            "name": cfg.name or Path(loaded.source).stem,
+            "gate_passed": gate_passed,
+            "allow_failed_gate": cfg.allow_failed_gate,
+            "criteria": cfg.criteria.to_dict(),
+            "operating_point": {"threshold": threshold, "rule": cfg.criteria.operating_point, "locked_on": ref_id},
+            "reference": ref_eval.to_dict(),
+            "gates": [g.to_dict() for g in gates],
+            "confusion": {ref_id: ref_eval.confusion, **{g.artifact: g.candidate_eval.confusion for g in gates}},
+            "export": {"onnx-fp32": {**parity.to_dict(), **exp.to_dict()}},
+            "quantization": quant_summary,
+            "artifacts": [{k: a[k] for k in ("id", "path", "bytes", "mean_infer_ms")} for a in artifacts],
+            "validation": {"csv": str(cfg.val), "layout": val.layout, "n": len(val_in.sources),
+                           "problems": val.problems + [f"{s['source']}: {s['message']}" for s in val_in.skipped]},
+            "scores": {k: [round(float(v), 6) for v in s] for k, s in scores.items()},
+            "labels": y.tolist(),
+        }
+
+        t = _stage(say, 6, n_steps, "writing bundle" if gate_passed or cfg.allow_failed_gate else
+                   "gate failed: writing the report only")
+        if not gate_passed and not cfg.allow_failed_gate:
+            report_dir = out.parent / f"{out.name}.gate-failed"
+            shutil.rmtree(report_dir, ignore_errors=True)
+            write_reports(report_dir, report)
+            failures = "; ".join(f"{g.artifact}: {', '.join(g.failures)}" for g in gates if not g)
+            raise GateFailedError(
+                f"clinical gate failed ({failures}); no bundle written. Report: {report_dir}/report.md. "
+                "Fix the model or calibration, relax the gate deliberately, or pass --allow-failed-gate"
+            )
+        write_reports(staging, report)
+        default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
+        digest = hashlib.sha256()
+        for a in artifacts:
+            digest.update(hashlib.sha256((staging / a["path"]).read_bytes()).digest())
+        name = cfg.name or report["name"]
+        manifest: dict[str, Any] = {
+            "bundle_id": f"{name}-{digest.hexdigest()[:12]}",
+            "name": name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": loaded.source, "arch": loaded.arch or meta.get("arch"), "num_outputs": n_out,
+                      "class_names": class_names, "positive_classes": positive,
+                      "referable_rule": f"grade >= {cfg.referable_from}", "training": meta.get("training")},
+            "input": {"name": INPUT_NAME, "shape": ["batch", *([3, spec.size, spec.size] if spec.layout == "NCHW"
+                                                               else [spec.size, spec.size, 3])],
+                      "dtype": "float32", "layout": spec.layout},
+            "output": {"name": "logits", "shape": ["batch", n_out], "dtype": "float32", "kind": "logits"},
+            "preprocessing": spec.to_dict(),
+            "operating_point": {"threshold": threshold, "rule": cfg.criteria.operating_point, "locked_on": ref_id,
+                                "sensitivity": ref_eval.sensitivity, "specificity": ref_eval.specificity},
+            "artifacts": [{k: v for k, v in a.items() if k not in ("mean_infer_ms", "bytes")} for a in artifacts],
+            "default_artifact": default,
+            "gate": {"passed": gate_passed, "allow_failed_gate": cfg.allow_failed_gate,
+                     "criteria": cfg.criteria.to_dict(), "n_validation": len(y),
+                     "summary": {g.artifact: {"passed": g.passed, "delta_auc": g.delta_auc,
+                                              "delta_sensitivity": g.delta_sensitivity, "flips": g.flips}
+                                 for g in gates}},
+            "quantization": quant_summary,
+            "export": {"onnx-fp32": exp.to_dict()},
+            "producer": producer_versions(),
+            "files": [a["path"] for a in artifacts] + ["report.json", "report.md"],
+        }
+        write_manifest(staging, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        say(f"      bundle {manifest['bundle_id']} -> {out} ({time.perf_counter() - t:.1f}s)")
+        from .runtime.bundle import load_bundle
+
+        written = load_bundle(out).manifest
+        return BuildResult(out, written, report, gate_passed, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

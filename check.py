@@ -1,0 +1,61 @@
+"""``fundus-edge check``: re-run a bundle's clinical gate on any labelled set, through the runtime backends.
+
+Torch-free: it needs only the runtime and numpy, so users can validate quantized accuracy on their own data
+in their own CI with the device install.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .datasets.labels import read_labels
+from .quantization.calibration import prepare_inputs
+from .quantization.gate import GateCriteria, evaluate, gate
+from .runtime.backends import BackendSettings, run_backend
+from .runtime.bundle import load_bundle
+from .runtime.postprocess import referable_probability
+
+
+def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[str],
+              val_images: str | os.PathLike[str] | None = None, settings: BackendSettings | None = None,
+              referable_from: int = 2, artifacts: list[str] | None = None) -> dict[str, Any]:
+    b = load_bundle(bundle_path)
+    crit_d = b.manifest.get("gate", {}).get("criteria", {})
+    criteria = GateCriteria(**{k: v for k, v in crit_d.items() if k in GateCriteria.__dataclass_fields__})
+    val = read_labels(val_csv, val_images, referable_from)
+    prepared = prepare_inputs(val.paths, b.preprocessing)
+    index = {str(p): i for i, p in enumerate(val.paths)}
+    y = np.array([val.referable[index[s]] for s in prepared.sources], dtype=int)
+    chosen = [b.artifact(a) for a in artifacts] if artifacts else list(b.artifacts)
+    ref_id = b.manifest["operating_point"].get("locked_on", "onnx-fp32")
+    ref_art = next((a for a in b.artifacts if a.id == ref_id), None)
+    if ref_art is not None and ref_art not in chosen:
+        chosen.insert(0, ref_art)
+    threshold = b.operating_point.threshold
+    scores: dict[str, np.ndarray] = {}
+    for art in chosen:
+        logits, _ = run_backend(art.format, b.path(art), prepared.tensors, settings)
+        scores[art.id] = referable_probability(logits, b.positive_classes)
+    evals = {k: evaluate(k, y, s, threshold, criteria) for k, s in scores.items()}
+    gates = [gate(k, y, scores[ref_id], s, threshold, criteria, ref_id, evals[ref_id])
+             for k, s in scores.items() if ref_art is not None and k != ref_id]
+    passed = all(gates)
+    lines = [f"bundle {b.bundle_id}: {len(y)} images ({int(y.sum())} referable) from {val_csv}; "
+             f"threshold {threshold:.4f} locked at build ({b.operating_point.rule})"]
+    for k, e in evals.items():
+        lines.append(f"  {k:<11} AUC {e.auc:.4f} ({e.auc_ci[0]:.3f}-{e.auc_ci[1]:.3f})  sensitivity "
+                     f"{e.sensitivity:.4f}  specificity {e.specificity:.4f}")
+    for g in gates:
+        lines.append(f"  gate {g.artifact} vs {g.reference}: ΔAUC {g.delta_auc:+.4f}, Δsens "
+                     f"{g.delta_sensitivity:+.4f}, flips {g.flips} -> "
+                     f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
+    if ref_art is None:
+        lines.append(f"  no {ref_id} artifact in this bundle: absolute metrics only, no relative gate")
+    lines.append(f"check: {'PASSED' if passed else 'FAILED'}")
+    return {"bundle_id": b.bundle_id, "n": len(y), "threshold": threshold, "passed": passed,
+            "evaluations": {k: e.to_dict() for k, e in evals.items()}, "gates": [g.to_dict() for g in gates],
+            "problems": val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped],
+            "text": "\n".join(lines)}

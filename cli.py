@@ -1,0 +1,261 @@
+"""The ``fundus-edge`` command line.
+
+Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
+checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
+be screened (the others were). ``--json`` prints one JSON document on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import FundusEdgeError, ImageError, UsageError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2))
+    else:
+        print(text)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .runtime.backends import BackendSettings
+
+    return BackendSettings(threads=args.threads)
+
+
+# ----------------------------------------------------------------------------------------------- screen
+def _format_result(r: Any) -> str:
+    name = Path(r.source).name
+    if r.error:
+        return f"{name:<28} ERROR     {r.error['code']}: {r.error['message']}"
+    t = r.timings_ms
+    fov = "" if r.fov and r.fov.get("found") else "  (no field of view found: centre crop)"
+    return (f"{name:<28} {r.decision.upper():<9} p(referable)={r.probability:.3f} (threshold {r.threshold:.3f})"
+            f"  decode {t['decode']:.1f} ms, preprocess {t['preprocess']:.1f} ms, infer {t['infer']:.1f} ms{fov}")
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from .runtime import expand_inputs, load
+
+    sources = expand_inputs(args.inputs)
+    screener = load(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
+                    settings=_settings(args))
+    with screener:
+        results = list(screener.screen_many(sources))
+    n_err = sum(1 for r in results if not r)
+    summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
+               "no_refer": sum(r.decision == "no-refer" for r in results), "errors": n_err}
+    payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
+               "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary}
+    lines = [f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})"]
+    lines += [_format_result(r) for r in results]
+    lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
+                 f"{n_err} could not be screened")
+    _emit(args, payload, "\n".join(lines))
+    return ImageError.exit_code if n_err else 0
+
+
+# ----------------------------------------------------------------------------------------------- build
+def _build_config(args: argparse.Namespace) -> Any:
+    from .build import BuildConfig
+    from .quantization.gate import GateCriteria
+
+    criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
+                            max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
+                            n_boot=args.n_boot)
+    return BuildConfig(
+        model=args.model, out=args.out, calib=args.calib, val=args.val, val_images=args.val_images,
+        arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
+        calib_size=args.calib_size, exporter=args.exporter, export_atol=args.export_atol,
+        parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
+        allow_failed_gate=args.allow_failed_gate, force=args.force, threads=args.threads,
+        precisions=tuple(args.precisions.split(",")),
+    )
+
+
+def _build_summary(result: Any) -> str:
+    rep = result.report
+    ref = rep["reference"]
+    lines = [f"reference onnx-fp32: AUC {ref['auc']:.4f} (95% CI {ref['auc_ci'][0]:.3f}-{ref['auc_ci'][1]:.3f}), "
+             f"sensitivity {ref['sensitivity']:.4f}, specificity {ref['specificity']:.4f} at threshold "
+             f"{rep['operating_point']['threshold']:.4f}"]
+    for g in rep["gates"]:
+        lines.append(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), sensitivity "
+                     f"{g['sensitivity']:.4f} (Δ {g['delta_sensitivity']:+.4f}), specificity {g['specificity']:.4f},"
+                     f" flips {g['flips']}/{ref['n']} -> {'PASS' if g['passed'] else 'FAIL'}")
+    lines.append(f"clinical gate: {'PASSED' if rep['gate_passed'] else 'FAILED'}; bundle: {result.out}")
+    return "\n".join(lines)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import run_build
+
+    result = run_build(_build_config(args))
+    payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
+               "gate_passed": result.gate_passed, "reference": result.report["reference"],
+               "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
+    _emit(args, payload, _build_summary(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- check
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    report = run_check(args.bundle, args.val, args.val_images, settings=_settings(args),
+                       referable_from=args.referable_from, artifacts=args.artifacts)
+    lines = [report["text"]]
+    _emit(args, {k: v for k, v in report.items() if k != "text"}, "\n".join(lines))
+    return 0 if report["passed"] else 8
+
+
+# ----------------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from .runtime.bundle import load_bundle
+
+    b = load_bundle(args.bundle)
+    m = b.manifest
+    lines = [f"bundle {b.bundle_id} (schema {m['schema_version']}), created {m.get('created')}, all "
+             f"{len(m['files'])} files verified",
+             f"model: {m['model'].get('arch')} classes {b.class_names}, referable {b.positive_classes}",
+             f"input: {m['input']['shape']} {m['input']['layout']}; preprocessing size {b.preprocessing.size}",
+             f"operating point: threshold {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
+             f"gate: {'passed' if m['gate']['passed'] else 'FAILED'}"
+             + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")]
+    for a in b.artifacts:
+        mark = " (default)" if a.id == m.get("default_artifact") else ""
+        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout}{mark}")
+    _emit(args, {"bundle_id": b.bundle_id, "manifest": m, "verified": True}, "\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- synth
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .datasets.synthetic import CAMERAS, write_dataset
+
+    for c in args.cameras:
+        if c not in CAMERAS:
+            raise UsageError(f"unknown camera {c!r}; known: {sorted(CAMERAS)}")
+    csv_path = write_dataset(args.out, args.n, args.seed, args.size, tuple(args.cameras))
+    _emit(args, {"labels": str(csv_path), "n": args.n}, f"wrote {args.n} synthetic images and {csv_path} "
+          "(synthetic data: for testing the pipeline, not for clinical claims)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, samples=args.samples, json_out=args.json, force=True)
+
+
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("clinical gate")
+    g.add_argument("--min-delta-auc", type=float, default=-0.005)
+    g.add_argument("--min-delta-sensitivity", type=float, default=-0.01)
+    g.add_argument("--max-flip-rate", type=float, default=0.01)
+    g.add_argument("--operating-point", default="sensitivity>=0.90",
+                   help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the fp32 ONNX")
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
+    g.add_argument("--allow-failed-gate", action="store_true",
+                   help="write the bundle even if the gate fails (the manifest records the failure)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fundus-edge", description="Fundus screening models on offline edge devices.")
+    p.add_argument("--version", action="version", version=f"fundus-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("screen", help="screen images with a bundle (torch-free)")
+    s.add_argument("--bundle", required=True, type=Path)
+    s.add_argument("inputs", nargs="+", help="image files or directories")
+    s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
+    s.add_argument("--format", choices=["onnx"], help="pick an artifact by format")
+    s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
+    s.add_argument("--threads", type=int, default=1, help="inference threads (0: backend default)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_screen)
+
+    b = sub.add_parser("build", help="export, quantize, gate and bundle a model (needs the [export] extra)")
+    b.add_argument("--model", required=True,
+                   help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), or reference:NAME")
+    b.add_argument("--arch", help="architecture for a state_dict: torchvision:NAME or fundus-edge:NAME")
+    b.add_argument("--num-classes", type=int)
+    b.add_argument("--calib", type=Path, required=True, help="folder of fundus images for int8 calibration")
+    b.add_argument("--val", type=Path, required=True, help="labels CSV (APTOS, EyePACS, IDRiD or path,label)")
+    b.add_argument("--val-images", type=Path, help="image folder for --val (default: next to the CSV)")
+    b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    b.add_argument("--name", help="bundle name (default: the model file's stem)")
+    b.add_argument("--referable-from", type=int, default=2, help="grades >= this are referable (default 2)")
+    b.add_argument("--calib-size", type=int, default=128)
+    b.add_argument("--precisions", default="fp32,int8")
+    b.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    b.add_argument("--export-atol", type=float, default=1e-3)
+    b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    b.add_argument("--json", action="store_true")
+    _add_gate_args(b)
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="re-run the clinical gate of a bundle on any labelled set (torch-free)")
+    c.add_argument("--bundle", required=True, type=Path)
+    c.add_argument("--val", required=True, type=Path)
+    c.add_argument("--val-images", type=Path)
+    c.add_argument("--referable-from", type=int, default=2)
+    c.add_argument("--artifacts", nargs="*", help="artifact ids to check (default: all)")
+    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser("info", help="verify a bundle and print its manifest summary")
+    i.add_argument("--bundle", required=True, type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    y = sub.add_parser("synth", help="write a synthetic fundus data set (for testing pipelines only)")
+    y.add_argument("--out", required=True, type=Path)
+    y.add_argument("--n", type=int, default=100)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--size", type=int, default=384)
+    y.add_argument("--cameras", nargs="+", default=["desktop", "handheld", "darkred"])
+    y.add_argument("--json", action="store_true")
+    y.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="the whole job on the built-in reference model and synthetic data")
+    d.add_argument("--out", type=Path, default=Path("demo-out"))
+    d.add_argument("--samples", type=Path, default=SAMPLES, help="real photographs to screen at the end")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except FundusEdgeError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"code": exc.code, "message": str(exc), "exit_code": exc.exit_code}}))
+        print(f"fundus-edge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fundus-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
