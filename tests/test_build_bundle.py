@@ -1,0 +1,131 @@
+"""The trunk end to end: build a bundle from the shipped reference model, then use it torch-free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fundus_edge.build import BuildConfig, run_build
+from fundus_edge.errors import BundleError, BundleIntegrityError, GateFailedError, UsageError
+from fundus_edge.quantization.gate import GateCriteria
+from fundus_edge.runtime import load, load_bundle
+from fundus_edge.runtime.bundle import MANIFEST, sha256_file
+
+
+def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None:
+    assert built.gate_passed
+    m = built.manifest
+    assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 1
+    ids = {a["id"]: a for a in m["artifacts"]}
+    assert set(ids) == {"onnx-fp32", "onnx-int8"}
+    assert m["default_artifact"] == "onnx-int8"
+    for rel, entry in m["files"].items():
+        assert sha256_file(built.out / rel) == entry["sha256"]
+    assert {"report.json", "report.md", "model.fp32.onnx", "model.int8.onnx"} <= set(m["files"])
+    assert m["preprocessing"]["size"] == 224
+    assert m["model"]["positive_classes"] == [1]
+    assert 0.0 < m["operating_point"]["threshold"] < 1.0
+    assert m["operating_point"]["sensitivity"] >= 0.90
+    assert m["producer"]["torch"] and m["producer"]["onnxruntime"]
+    q = m["quantization"]["onnx-int8"]
+    assert q["config"]["activation_type"] == "uint8" and q["config"]["weight_type"] == "int8"
+    assert q["int8_mac_fraction"] > 0.99
+    assert q["quantized_ops"]["Conv"] >= 20
+    assert q["n_calibration"] == 64
+
+
+def test_report_numbers(built: Any) -> None:
+    rep = json.loads((built.out / "report.json").read_text())
+    ref = rep["reference"]
+    assert ref["auc"] >= 0.9  # the reference model is good enough for the gate to mean something
+    assert ref["auc_ci"][0] < ref["auc"] < ref["auc_ci"][1]
+    g = rep["gates"][0]
+    assert g["artifact"] == "onnx-int8" and g["passed"]
+    assert g["flip_rate"] <= 0.01 and g["delta_auc"] >= -0.005 and g["delta_sensitivity"] >= -0.01
+    # the report's numbers are recomputable from the stored scores
+    from fundus_edge.quantization.metrics import auc
+
+    y = np.array(rep["labels"])
+    assert auc(y, np.array(rep["scores"]["onnx-int8"])) == pytest.approx(g["auc"])
+    md = (built.out / "report.md").read_text()
+    assert "Clinical gate: PASSED" in md and "onnx-int8" in md and "sensitivity" in md
+
+
+def test_screen_real_photos_and_a_corrupt_file(built: Any, real_photos: list[Path], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with load(built.out) as s:
+        results = list(s.screen_many([*map(str, real_photos), str(bad)]))
+    assert [bool(r) for r in results] == [True] * len(real_photos) + [False]
+    for r in results[:-1]:
+        assert r.decision in ("refer", "no-refer") and 0.0 <= r.probability <= 1.0
+        assert r.artifact == "onnx-int8" and set(r.timings_ms) >= {"decode", "preprocess", "infer"}
+    assert results[-1].error is not None and results[-1].error["code"] in ("not-an-image", "decode-failed")
+
+
+def test_screen_matches_gate_scores(built: Any, synth_val: Path) -> None:
+    """The runtime's screen() gives the very probabilities the gate measured."""
+    rep = json.loads((built.out / "report.json").read_text())
+    sources = rep["validation"]["n"]
+    assert sources == 300
+    from fundus_edge.datasets.labels import read_labels
+
+    paths = read_labels(synth_val).paths[:10]
+    with load(built.out, artifact="onnx-int8") as s:
+        probs = [s.screen(p).probability for p in paths]
+    assert np.allclose(probs, rep["scores"]["onnx-int8"][:10], atol=1e-5)
+
+
+def test_flipped_byte_is_refused_naming_the_file(bundle_copy: Path) -> None:
+    model = bundle_copy / "model.int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"model\.int8\.onnx"):
+        load(bundle_copy)
+
+
+def test_manifest_tampering_and_schema(bundle_copy: Path) -> None:
+    mpath = bundle_copy / MANIFEST
+    m = json.loads(mpath.read_text())
+    m["schema_version"] = 99
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema version 99"):
+        load_bundle(bundle_copy)
+    m["schema_version"] = 1
+    m["files"]["model.fp32.onnx"]["sha256"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleIntegrityError, match=r"model\.fp32\.onnx"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_and_not_a_bundle(bundle_copy: Path, tmp_path: Path) -> None:
+    (bundle_copy / "report.md").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"report\.md is missing"):
+        load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_impossible_gate_writes_no_bundle(tmp_path: Path, synth_val: Path, synth_calib: Path) -> None:
+    out = tmp_path / "strict"
+    cfg = BuildConfig(model="reference:dr-resnet18s", out=out, calib=synth_calib, val=synth_val, calib_size=8,
+                      criteria=GateCriteria(min_delta_auc=0.5, n_boot=50))
+    with pytest.raises(GateFailedError, match="AUC dropped"):
+        run_build(cfg, log=lambda s: None)
+    assert not out.exists()
+    report = tmp_path / "strict.gate-failed" / "report.json"
+    assert json.loads(report.read_text())["gate_passed"] is False
+    assert not list(tmp_path.glob(".strict.staging*"))
+    # with --allow-failed-gate the bundle is written and says so; the default artifact stays fp32
+    cfg.allow_failed_gate = True
+    result = run_build(cfg, log=lambda s: None)
+    m = load_bundle(out).manifest
+    assert not result.gate_passed and m["gate"]["passed"] is False and m["gate"]["allow_failed_gate"] is True
+    assert m["default_artifact"] == "onnx-fp32"
+    with pytest.raises(UsageError, match="not empty"):
+        run_build(cfg, log=lambda s: None)

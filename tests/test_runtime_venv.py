@@ -1,0 +1,71 @@
+"""The device install is torch-free: a fresh venv with only `fundus-edge[onnx]` screens a toolchain bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import venv
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env_dir = tmp_path_factory.mktemp("runtime-venv")
+    venv.create(env_dir, with_pip=True, clear=True)
+    py = env_dir / "bin" / "python"
+    r = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
+         str(REPO / "constraints.txt"), f"{REPO}[onnx]"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, f"installing the runtime extra failed:\n{r.stdout}\n{r.stderr}"
+    return env_dir
+
+
+def _run(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True)
+
+
+def test_runtime_venv_has_no_toolchain(runtime_venv: Path) -> None:
+    py = runtime_venv / "bin" / "python"
+    code = ("import importlib.util as u, json;"
+            "print(json.dumps({m: u.find_spec(m) is not None for m in "
+            "['torch', 'torchvision', 'onnx', 'onnxscript', 'onnxruntime', 'numpy', 'PIL']}))")
+    found = json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert found == {"torch": False, "torchvision": False, "onnx": False, "onnxscript": False,
+                     "onnxruntime": True, "numpy": True, "PIL": True}
+
+
+def test_runtime_venv_screens_a_toolchain_bundle(runtime_venv: Path, built: Any, real_photos: list[Path]) -> None:
+    r = _run(runtime_venv, "screen", "--bundle", str(built.out), *map(str, real_photos[:2]), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["summary"] == {"n": 2, "refer": doc["summary"]["refer"], "no_refer": doc["summary"]["no_refer"],
+                              "errors": 0}
+    assert doc["artifact"] == "onnx-int8"
+    # same numbers as in the toolchain environment
+    from fundus_edge.runtime import load
+
+    with load(built.out) as s:
+        here = s.screen(str(real_photos[0])).probability
+    assert doc["results"][0]["probability"] == pytest.approx(here, abs=1e-6)
+
+
+def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, synth_val: Path) -> None:
+    r = _run(runtime_venv, "check", "--bundle", str(built.out), "--val", str(synth_val))
+    assert r.returncode == 0, r.stderr
+    assert "check: PASSED" in r.stdout
+    py = runtime_venv / "bin" / "python"
+    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0
+    r2 = _run(runtime_venv, "build", "--model", "reference:dr-resnet18s", "--calib", "x", "--val", "y.csv",
+              "--out", "z")
+    assert r2.returncode == 3, r2.stderr
+    assert "pip install 'fundus-edge[export]'" in r2.stderr
