@@ -8,6 +8,7 @@ be screened (the others were). ``--json`` prints one JSON document on stdout; pr
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,10 @@ from typing import Any
 
 from . import __version__
 from .errors import FundusEdgeError, ImageError, UsageError
+
+# Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
+# Registering must stay cheap: import heavy packages inside the command function, never at module level.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -238,6 +243,9 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=Path, default=SAMPLES, help="real photographs to screen at the end")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name, __package__).register(sub)
     return p
 
 

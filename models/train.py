@@ -117,8 +117,30 @@ def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"fundus_edge_checkpoint": 1, "state_dict": model.state_dict(), **meta}, out)
+    write_card(meta, out.parent.parent / "cards" / f"{out.stem}.md", out.name)
     print(json.dumps(meta["training"]), flush=True)
     return meta
+
+
+def write_card(meta: dict[str, Any], path: Path, weights: str) -> None:
+    """A model card next to the weights: what it is, what it was trained on, how well, and what not to do."""
+    t = meta["training"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""# Model card: {Path(weights).stem}
+
+- **What**: {meta['arch']} ({meta['arch_kwargs']}), {meta['num_classes']} outputs {meta['class_names']};
+  referable = class {meta['positive_classes']} (DR grade >= 2).
+- **Input**: {meta['preprocessing']['size']}x{meta['preprocessing']['size']} RGB through
+  `fundus_edge.runtime.preprocess` (field-of-view crop, ImageNet mean/std), the same code as on the device.
+- **Data**: {t['data']}; {t['n_train']} training images (seed {t['train_seed']}), {t['n_val']} held-out
+  validation images (seed {t['val_seed']}), drawn at {t['image_size']} px and JPEG-encoded (quality 92).
+- **Training**: AdamW + one-cycle LR, {t['epochs']} epochs, batch 32, horizontal flips and brightness jitter,
+  CPU, torch {t['torch']}, {t['seconds']} s. Reproduce: `python -m fundus_edge.models.train --out {weights}`
+  (plus `--width`/`--epochs` if they differ from the defaults).
+- **Metric**: held-out synthetic AUC {t['val_auc']} (prevalence {t['val_prevalence']}).
+- **Use**: testing the fundus-edge pipeline (export, quantization, gate, runtime, devices).
+  **Not for clinical use**: trained and evaluated on synthetic pictures only; it has never seen a real eye.
+""")
 
 
 def _scores(model: nn.Module, x: np.ndarray) -> np.ndarray:
