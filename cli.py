@@ -1,8 +1,9 @@
 """The ``fundus-edge`` command line.
 
-Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
-checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
-be screened (the others were). ``--json`` prints one JSON document on stdout; progress goes to stderr.
+Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema,
+checksum or signature); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images
+could not be screened (the others were); 11 the result store is unusable. ``--json`` prints one JSON document
+on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (".cli_field",)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -51,8 +52,13 @@ def _format_result(r: Any) -> str:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
+    from .cli_field import screen_field, wants_field
     from .runtime import expand_inputs, load
 
+    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
+        return screen_field(args)
+    if not args.inputs:
+        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
     sources = expand_inputs(args.inputs)
     screener = load(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
                     settings=_settings(args))
@@ -74,6 +80,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- build
 def _build_config(args: argparse.Namespace) -> Any:
     from .build import BuildConfig
+    from .cli_field import passphrase_from_env
     from .quantization.gate import GateCriteria
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
@@ -86,6 +93,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
         allow_failed_gate=args.allow_failed_gate, force=args.force, threads=args.threads,
         precisions=tuple(args.precisions.split(",")),
+        sign_key=getattr(args, "sign_key", None),
+        sign_key_passphrase=passphrase_from_env(getattr(args, "sign_key_passphrase_env", None)),
     )
 
 
@@ -108,7 +117,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     result = run_build(_build_config(args))
     payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
-               "gate_passed": result.gate_passed, "reference": result.report["reference"],
+               "gate_passed": result.gate_passed, "signed_by": result.signed_by,
+               "reference": result.report["reference"],
                "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
     _emit(args, payload, _build_summary(result))
     return 0
@@ -184,7 +194,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("screen", help="screen images with a bundle (torch-free)")
     s.add_argument("--bundle", required=True, type=Path)
-    s.add_argument("inputs", nargs="+", help="image files or directories")
+    s.add_argument("inputs", nargs="*", help="image files or directories")
     s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
     s.add_argument("--format", choices=["onnx"], help="pick an artifact by format")
     s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
