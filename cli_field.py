@@ -128,6 +128,8 @@ def screen_field(args: argparse.Namespace) -> int:
 
     policy = _policy(args)
     patient = Patient.of(args.patient_id, args.eye)
+    if (patient.patient_id or patient.eye) and not args.store:
+        raise UsageError("--patient-id and --eye are stored with the results: give --store DB")
     if args.watch is not None:
         if args.inputs:
             raise UsageError("give image files or directories, or --watch DIR, not both")
@@ -177,7 +179,8 @@ def screen_field(args: argparse.Namespace) -> int:
             audit.close()
     n_err = sum(1 for r in results if r.error_code is not None)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
-               "no_refer": sum(r.decision == "no-refer" for r in results), "errors": n_err,
+               "no_refer": sum(r.decision == "no-refer" for r in results),
+               "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err,
                "stored": sum(1 for r in results if r.extra.get("stored")), "interrupted": interrupted}
     payload = {"bundle_id": session.bundle_id, "artifact": session.screener.artifact.id,
                "backend": session.screener.backend.name, "signature": session.status.to_dict(),
@@ -311,8 +314,6 @@ def cmd_keys_verify(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- register
 def register(sub: Any) -> None:
-    from .runtime.watch import AFTER_CHOICES
-
     screen = sub.choices["screen"]
     g = screen.add_argument_group("field use: result store, watch mode, patient fields, signed bundles")
     g.add_argument("--store", type=Path, metavar="DB",
@@ -320,11 +321,11 @@ def register(sub: Any) -> None:
                         "bundle is not screened again")
     g.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append-only audit log (default: next to --store as NAME.audit.jsonl)")
-    g.add_argument("--patient-id", help="stored with the results (never printed or logged)")
-    g.add_argument("--eye", help="left/right (also L, R, OS, OD); stored with the results")
+    g.add_argument("--patient-id", help="stored with every result of this run (never printed or logged)")
+    g.add_argument("--eye", help="left/right (also L, R, OS, OD); stored with every result of this run")
     g.add_argument("--show-patient", action="store_true", help="include patient fields in --json output")
     g.add_argument("--watch", type=Path, metavar="DIR", help="screen files as they appear in DIR (needs --store)")
-    g.add_argument("--after", choices=AFTER_CHOICES, default="keep",
+    g.add_argument("--after", choices=("keep", "move", "mark"), default="keep",
                    help="what to do with a processed file in watch mode (default keep)")
     g.add_argument("--move-to", type=Path, metavar="DIR", help="with --after move: destination (failed/ inside)")
     g.add_argument("--poll", type=float, default=1.0, help="watch: seconds between directory scans")

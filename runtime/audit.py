@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..errors import StoreError
+
 try:  # POSIX (Raspberry Pi OS, Jetson Linux); elsewhere single-process appends are still safe
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -62,8 +64,12 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the audit log {self.path}: {exc.strerror or exc}; fix its directory's "
+                             "permissions or choose another with --audit-log") from exc
 
     def _tail(self) -> tuple[str, int, bool]:
         """(hash of the last line, last seq, whether the file ends with a newline)."""
@@ -92,6 +98,13 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one entry and return it. Raises ``ValueError`` for forbidden fields (a programming error)."""
         _check_fields(fields)
+        try:
+            return self._append(event, fields)
+        except OSError as exc:
+            raise StoreError(f"cannot write the audit log {self.path}: {exc.strerror or exc}; free disk space "
+                             "or fix permissions, then restart") from exc
+
+    def _append(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         if fcntl is not None:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:

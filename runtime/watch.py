@@ -116,14 +116,21 @@ class Watcher:
         self._handled: set[tuple[Path, tuple[int, int, int]]] = set()
         self.stop_reason = "stopped"
         self.summary = WatchSummary()
+        self._unavailable = False
 
     # ------------------------------------------------------------------------------------------ scanning
     def _candidates(self) -> list[tuple[Path, os.stat_result]]:
         out = []
         try:
             entries = sorted(os.scandir(self.opt.directory), key=lambda e: e.name)
-        except OSError as exc:
-            raise UsageError(f"cannot list the watch directory {self.opt.directory}: {exc.strerror or exc}") from exc
+        except OSError as exc:  # e.g. a USB stick pulled out: say so once, keep polling until it is back
+            if not self._unavailable:
+                self._unavailable = True
+                if self.session.audit is not None:
+                    self.session.audit.record("watch-directory-unavailable", session_id=self.session.session_id,
+                                              error=exc.strerror or type(exc).__name__)
+            return out
+        self._unavailable = False
         for e in entries:
             name = e.name
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:

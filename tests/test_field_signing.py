@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from fundus_edge.cli import main
-from fundus_edge.errors import BundleError, BundleIntegrityError, BundleSignatureError, MissingDependencyError, UsageError
+from fundus_edge.errors import (
+    BundleError,
+    BundleIntegrityError,
+    BundleSignatureError,
+    MissingDependencyError,
+    UsageError,
+)
 from fundus_edge.runtime.audit import verify_audit_log
 from fundus_edge.runtime.bundle import MANIFEST
 from fundus_edge.runtime.signing import (
@@ -111,7 +117,7 @@ def test_signed_bundle_verifies_screens_and_records_the_key(signed: Path, keys: 
     assert doc["signature"] == {"signed": True, "verified": True, "key_id": kid}
     assert doc["results"][0]["signature_key_id"] == kid and "patient_id" not in doc["results"][0]
     audit = (tmp_path / "r.audit.jsonl").read_text()
-    loaded = [json.loads(x) for x in audit.splitlines() if '"bundle-loaded"' in x][0]
+    loaded = next(json.loads(x) for x in audit.splitlines() if '"bundle-loaded"' in x)
     assert loaded["signature"]["verified"] and loaded["policy"]["require_signature"]
     for secret in [*key_secrets(keys["clinic"].private), "PAT-7731"]:
         assert secret not in out.out + out.err + audit
@@ -301,10 +307,10 @@ def test_trusted_dir_must_hold_public_keys_only(keys: dict[str, Any], tmp_path: 
         verify_bundle(signed, TrustPolicy(trusted_keys=d, require_signature=True))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UsageError, match="no .pub"):
+    with pytest.raises(UsageError, match=r"no \.pub"):
         verify_bundle(signed, TrustPolicy(trusted_keys=empty, require_signature=True))
     (empty / "junk.pub").write_text("not a key")
-    with pytest.raises(UsageError, match="junk.pub"):
+    with pytest.raises(UsageError, match=r"junk\.pub"):
         verify_bundle(signed, TrustPolicy(trusted_keys=empty))
 
 
@@ -329,3 +335,14 @@ def test_sign_key_with_allow_failed_gate_is_refused_before_building(keys: dict[s
                  "--allow-failed-gate"])
     assert code == 2 and "approval" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_tamper_sweep_quick(built: Any, tmp_path: Path) -> None:
+    # benchmarks/field_reliability.py runs this with every byte of the manifest and signature, 200 per file
+    from fundus_edge.reliability import run_tamper_sweep
+
+    r = run_tamper_sweep(built.out, tmp_path, positions_per_file=4, manifest_positions=8, seed=3)
+    assert r["accepted"] == 0 and r["refused"] == r["attempts"] > 60, r["accepted_examples"]
+    assert r["audited_refusals"] == r["refused"] and r["audit_chain_ok"]
+    assert {"unsigned", "untrusted-key", "mismatch", "bad-signature", "malformed-signature",
+            "bundle-integrity"} <= set(r["reasons"])
