@@ -10,6 +10,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
