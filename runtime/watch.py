@@ -120,7 +120,7 @@ class Watcher:
 
     # ------------------------------------------------------------------------------------------ scanning
     def _candidates(self) -> list[tuple[Path, os.stat_result]]:
-        out = []
+        out: list[tuple[Path, os.stat_result]] = []
         try:
             entries = sorted(os.scandir(self.opt.directory), key=lambda e: e.name)
         except OSError as exc:  # e.g. a USB stick pulled out: say so once, keep polling until it is back
