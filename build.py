@@ -25,6 +25,7 @@ from . import __version__
 from .datasets.labels import LabelledSet, list_images, read_labels
 from .errors import GateFailedError, MissingDependencyError, UsageError
 from .quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
+from .quantization.fallback import FallbackBudget
 from .quantization.gate import GateCriteria, GateResult, evaluate, gate
 from .quantization.metrics import lock_threshold
 from .quantization.report import write_reports
@@ -57,6 +58,11 @@ class BuildConfig:
     parity_images: list[Path] = field(default_factory=list)
     precisions: tuple[str, ...] = ("fp32", "int8")
     criteria: GateCriteria = field(default_factory=GateCriteria)
+    calibrator: str = "minmax"
+    exclude_nodes: list[str] = field(default_factory=list)
+    fallback: bool = True
+    fallback_budget: FallbackBudget = field(default_factory=FallbackBudget)
+    debug_layers: bool = True
     allow_failed_gate: bool = False
     force: bool = False
     threads: int = 0
@@ -109,6 +115,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     from .export.load import load_model
     from .export.onnx import INPUT_NAME, export_onnx
     from .export.validate import torch_outputs, validate_export
+    from .quantization.debug import layer_errors
+    from .quantization.fallback import MOSTLY_FLOAT, accuracy_aware_quantize
     from .quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
     from .runtime.compare import Tolerance
 
@@ -116,6 +124,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     out = cfg.out
     if cfg.calib is None or cfg.val is None:
         raise UsageError("build needs --calib (a folder of fundus images) and --val (a labels CSV)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     n_steps = 6
@@ -175,18 +185,51 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         artifacts: list[dict[str, Any]] = [{"id": "onnx-fp32", "path": fp32_path.name, "format": "onnx",
                                              "precision": "fp32", "layout": spec.layout, "io_dtype": "float32"}]
         quant_summary: dict[str, Any] = {}
+        fallback_report: dict[str, Any] | None = None
+        layer_report: list[dict[str, Any]] = []
+        settings = BackendSettings(threads=cfg.threads)
+        scores: dict[str, np.ndarray] = {}
+        infer_ms: dict[str, float] = {}
+
+        def score(artifact_id: str, fmt: str, path: Path) -> None:
+            logits, backend = run_backend(fmt, path, val_in.tensors, settings)
+            scores[artifact_id] = referable_probability(logits, positive)
+            infer_ms[artifact_id] = float(np.mean(backend.timings.infer_ms))
+
+        score("onnx-fp32", "onnx", fp32_path)
+        threshold = lock_threshold(y, scores["onnx-fp32"], cfg.criteria.operating_point)
         if "int8" in cfg.precisions:
-            t = _stage(say, 4, n_steps, f"quantizing to int8 (QDQ, per-channel, u8/s8) on "
-                                        f"{len(calib_in.sources)} calibration images")
+            t = _stage(say, 4, n_steps, f"quantizing to int8 (QDQ, per-channel, u8/s8, {cfg.calibrator}) on "
+                                        f"{len(calib_in.sources)} calibration images"
+                                        + (", accuracy-aware fallback on" if cfg.fallback else ""))
             int8_path = staging / "model.int8.onnx"
             pre = preprocess_for_quantization(fp32_path, staging / "pre.onnx")
-            q = quantize_onnx(fp32_path, int8_path, calib_in.tensors, INPUT_NAME, OnnxQuantConfig(),
-                              cache_path=staging / "calibration.json", preprocessed=pre)
+            qcfg = OnnxQuantConfig(calibrator=cfg.calibrator, nodes_to_exclude=tuple(cfg.exclude_nodes))
+            if cfg.fallback:
+                fb = accuracy_aware_quantize(
+                    fp32_path, pre, int8_path, calib_in.tensors, val_in.tensors, y, positive, scores["onnx-fp32"],
+                    threshold, cfg.criteria, INPUT_NAME, qcfg, cfg.fallback_budget, settings, log=say)
+                q = fb.quant
+                scores["onnx-int8"] = fb.scores
+                fallback_report = fb.to_dict()
+                if fb.excluded:
+                    say(f"      kept in float: {', '.join(fb.excluded)}")
+                if fb.mostly_float:
+                    say(f"      WARNING: only {q.int8_mac_fraction:.1%} of MACs run in int8: this model is "
+                        "mostly fp32, not an int8 model")
+            else:
+                q = quantize_onnx(fp32_path, int8_path, calib_in.tensors, INPUT_NAME, qcfg,
+                                  cache_path=staging / "calibration.json", preprocessed=pre)
+            if cfg.debug_layers:
+                layer_report = [e.to_dict() for e in layer_errors(pre, int8_path, calib_in.tensors, INPUT_NAME)]
             pre.unlink()
             (staging / "calibration.json").unlink(missing_ok=True)
             quant_summary["onnx-int8"] = {**q.to_dict(), "calibration_selection": {
                 "from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
-                "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}}
+                "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"},
+                "mostly_float": q.int8_mac_fraction < MOSTLY_FLOAT}
+            if fallback_report is not None:
+                quant_summary["onnx-int8"]["fallback"] = fallback_report
             artifacts.append({"id": "onnx-int8", "path": int8_path.name, "format": "onnx", "precision": "int8",
                               "layout": spec.layout, "io_dtype": "float32"})
             say(f"      int8 MAC share {q.int8_mac_fraction:.1%}, quantized ops {q.quantized_ops} "
@@ -195,15 +238,15 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             _stage(say, 4, n_steps, "int8 not requested; skipping quantization")
 
         t = _stage(say, 5, n_steps, "clinical gate: evaluating the shipped files through the runtime backend")
-        settings = BackendSettings(threads=cfg.threads)
-        scores: dict[str, np.ndarray] = {}
         for a in artifacts:
-            logits, backend = run_backend(a["format"], staging / a["path"], val_in.tensors, settings)
-            scores[a["id"]] = referable_probability(logits, positive)
-            a["mean_infer_ms"] = float(np.mean(backend.timings.infer_ms))
+            if a["id"] not in scores:
+                score(a["id"], a["format"], staging / a["path"])
+            if a["id"] not in infer_ms:
+                _, backend = run_backend(a["format"], staging / a["path"], val_in.tensors[:16], settings)
+                infer_ms[a["id"]] = float(np.mean(backend.timings.infer_ms))
+            a["mean_infer_ms"] = infer_ms[a["id"]]
             a["bytes"] = (staging / a["path"]).stat().st_size
         ref_id = "onnx-fp32"
-        threshold = lock_threshold(y, scores[ref_id], cfg.criteria.operating_point)
         ref_eval = evaluate(ref_id, y, scores[ref_id], threshold, cfg.criteria)
         gates: list[GateResult] = [gate(a["id"], y, scores[ref_id], scores[a["id"]], threshold, cfg.criteria,
                                         ref_id, ref_eval) for a in artifacts if a["id"] != ref_id]
@@ -231,10 +274,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "confusion": {ref_id: ref_eval.confusion, **{g.artifact: g.candidate_eval.confusion for g in gates}},
             "export": {"onnx-fp32": {**parity.to_dict(), **exp.to_dict()}},
             "quantization": quant_summary,
+            "layer_errors": layer_report,
             "artifacts": [{k: a[k] for k in ("id", "path", "bytes", "mean_infer_ms")} for a in artifacts],
             "validation": {"csv": str(cfg.val), "layout": val.layout, "n": len(val_in.sources),
                            "problems": val.problems + [f"{s['source']}: {s['message']}" for s in val_in.skipped]},
-            "scores": {k: [round(float(v), 6) for v in s] for k, s in scores.items()},
+            "scores": {k: [float(v) for v in s] for k, s in scores.items()},
             "labels": y.tolist(),
         }
 
@@ -245,11 +289,17 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             shutil.rmtree(report_dir, ignore_errors=True)
             write_reports(report_dir, report)
             failures = "; ".join(f"{g.artifact}: {', '.join(g.failures)}" for g in gates if not g)
+            if fallback_report is not None and len(fallback_report["steps"]) > 1:
+                best = next(g for g in gates if g.artifact == "onnx-int8")
+                failures += (f". The fallback tried {len(fallback_report['steps']) - 1} candidate(s); the best kept "
+                             f"{len(fallback_report['excluded_nodes'])} node(s) in float "
+                             f"({fallback_report['int8_mac_fraction']:.1%} of MACs int8): ΔAUC {best.delta_auc:+.4f}, "
+                             f"Δsensitivity {best.delta_sensitivity:+.4f}, flips {best.flips}")
             raise GateFailedError(
                 f"clinical gate failed ({failures}); no bundle written. Report: {report_dir}/report.md. "
                 "Fix the model or calibration, relax the gate deliberately, or pass --allow-failed-gate"
             )
-        write_reports(staging, report)
+        report_files = write_reports(staging, report)
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
         digest = hashlib.sha256()
         for a in artifacts:
@@ -279,7 +329,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "quantization": quant_summary,
             "export": {"onnx-fp32": exp.to_dict()},
             "producer": producer_versions(),
-            "files": [a["path"] for a in artifacts] + ["report.json", "report.md"],
+            "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
         }
         write_manifest(staging, manifest)
         if out.exists():

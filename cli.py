@@ -20,7 +20,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize",)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -74,18 +74,22 @@ def cmd_screen(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- build
 def _build_config(args: argparse.Namespace) -> Any:
     from .build import BuildConfig
+    from .quantization.fallback import FallbackBudget
     from .quantization.gate import GateCriteria
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
-                            n_boot=args.n_boot)
+                            n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin)
     return BuildConfig(
         model=args.model, out=args.out, calib=args.calib, val=args.val, val_images=args.val_images,
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
         calib_size=args.calib_size, exporter=args.exporter, export_atol=args.export_atol,
         parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
         allow_failed_gate=args.allow_failed_gate, force=args.force, threads=args.threads,
-        precisions=tuple(args.precisions.split(",")),
+        precisions=tuple(args.precisions.split(",")), calibrator=args.calibrator,
+        exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
+        fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
+        debug_layers=not args.no_debug_layers,
     )
 
 
@@ -173,6 +177,8 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--operating-point", default="sensitivity>=0.90",
                    help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the fp32 ONNX")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
+    g.add_argument("--noninferiority-margin", type=float, default=None,
+                   help="require the paired-bootstrap 95%% CI lower bound of Δsensitivity above this (e.g. -0.02)")
     g.add_argument("--allow-failed-gate", action="store_true",
                    help="write the bundle even if the gate fails (the manifest records the failure)")
 
@@ -205,6 +211,13 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--referable-from", type=int, default=2, help="grades >= this are referable (default 2)")
     b.add_argument("--calib-size", type=int, default=128)
     b.add_argument("--precisions", default="fp32,int8")
+    b.add_argument("--calibrator", choices=["minmax", "entropy", "percentile"], default="minmax")
+    b.add_argument("--exclude-nodes", nargs="*", default=[], help="ONNX node names to keep in float from the start")
+    b.add_argument("--no-fallback", action="store_true",
+                   help="do not keep sensitive layers in float when plain int8 fails the gate")
+    b.add_argument("--fallback-max-trials", type=int, default=12)
+    b.add_argument("--fallback-max-seconds", type=float, default=900.0)
+    b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
     b.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     b.add_argument("--export-atol", type=float, default=1e-3)
     b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")

@@ -48,6 +48,7 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
         print(f"screening with {screener.artifact.id} ({screener.backend.name}):")
         for r in results:
             print("  " + _format_result(r))
-        print("(synthetic images and their labels test the pipeline only; the real photographs are healthy, "
-              "ungraded CC0 eyes)")
+        print("Note: the reference model was trained on synthetic pictures only. Its decisions on the real CC0 "
+              "photographs (healthy, ungraded eyes) mean nothing clinically; they are screened to exercise decoding, "
+              "field-of-view detection and the runtime on real camera output.")
     return 0 if result.gate_passed else 8

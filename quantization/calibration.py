@@ -50,7 +50,7 @@ def select_calibration(n_available: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 class ArrayCalibrationReader:
-    """An onnxruntime ``CalibrationDataReader``: ``get_next()`` returns one feed dict, then None."""
+    """An onnxruntime ``CalibrationDataReader``: ``get_next()`` returns one feed dict, then None; iterable too."""
 
     def __init__(self, tensors: np.ndarray, input_name: str) -> None:
         self._tensors = tensors
@@ -64,6 +64,15 @@ class ArrayCalibrationReader:
 
     def rewind(self) -> None:
         self._iter = iter(self._tensors)
+
+    def __iter__(self) -> ArrayCalibrationReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
 
     def __len__(self) -> int:
         return len(self._tensors)
