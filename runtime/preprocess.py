@@ -246,20 +246,25 @@ def _fallback_fov(w: int, h: int, coverage: float) -> FieldOfView:
 
 
 def crop_resize(img: Image.Image, fov: FieldOfView, spec: PreprocessSpec) -> Image.Image:
-    """Square crop around the field of view (padding with black past the edges), resized to ``spec.size``."""
-    r = fov.radius
-    box = (
-        round(fov.cx - r),
-        round(fov.cy - r),
-        round(fov.cx + r),
-        round(fov.cy + r),
-    )
+    """Square crop around the field of view, resized to ``spec.size``; black where the square leaves the image.
+
+    One resampling pass: only the part of the square inside the image is resized (with a sub-pixel box) and
+    pasted onto a black canvas, so a circle cut at the top and bottom costs no padded full-size copy.
+    """
+    s = spec.size
+    side = 2.0 * fov.radius
+    x0, y0 = fov.cx - fov.radius, fov.cy - fov.radius
     w, h = img.size
-    size = (spec.size, spec.size)
     resample = _RESAMPLE[spec.resample]
-    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
-        return img.resize(size, resample, box=box)
-    return img.crop(box).resize(size, resample)
+    ix0, iy0, ix1, iy1 = max(0.0, x0), max(0.0, y0), min(float(w), x0 + side), min(float(h), y0 + side)
+    if (ix0, iy0, ix1, iy1) == (x0, y0, x0 + side, y0 + side):
+        return img.resize((s, s), resample, box=(x0, y0, x0 + side, y0 + side))
+    scale = s / side
+    dx0, dy0 = round((ix0 - x0) * scale), round((iy0 - y0) * scale)
+    dw, dh = max(1, min(s - dx0, round((ix1 - ix0) * scale))), max(1, min(s - dy0, round((iy1 - iy0) * scale)))
+    canvas = Image.new("RGB", (s, s))
+    canvas.paste(img.resize((dw, dh), resample, box=(ix0, iy0, ix1, iy1)), (dx0, dy0))
+    return canvas
 
 
 def ben_graham(img: Image.Image, sigma_fraction: float) -> np.ndarray:
