@@ -1,5 +1,8 @@
 """``fundus-edge build``: model -> ONNX fp32 -> parity check -> int8 -> clinical gate -> verified bundle.
 
+With ``formats`` including "tflite" (the default), the same model also goes to TFLite fp32 (litert-torch) and
+full-integer int8 (ai-edge-quantizer), each checked and gated the same way (see :func:`_build_tflite`).
+
 Every artifact is evaluated from the file that ships, through the runtime's backend. Work happens in a
 staging directory next to ``out``; the bundle appears (atomically renamed) only when the gate passes, or
 when ``allow_failed_gate`` is set, in which case the manifest says the gate failed.
@@ -30,9 +33,11 @@ from .quantization.gate import GateCriteria, GateResult, evaluate, gate
 from .quantization.metrics import lock_threshold
 from .quantization.report import write_reports
 from .runtime.backends import BackendSettings, run_backend
-from .runtime.bundle import write_manifest
+from .runtime.bundle import sha256_file, write_manifest
 from .runtime.postprocess import referable_probability
-from .runtime.preprocess import PreprocessSpec
+from .runtime.preprocess import PreprocessSpec, relayout
+
+FORMATS = ("onnx", "tflite")
 
 Log = Callable[[str], None]
 
@@ -57,6 +62,9 @@ class BuildConfig:
     export_atol: float = 1e-3
     parity_images: list[Path] = field(default_factory=list)
     precisions: tuple[str, ...] = ("fp32", "int8")
+    formats: tuple[str, ...] = FORMATS  # "onnx" always comes first: its fp32 file locks the operating point
+    tflite_layout: str = "NHWC"  # input layout of the .tflite files (NHWC: what TFLite kernels compute in)
+    tflite_int8_io: str = "int8"  # I/O tensors of the int8 .tflite: "int8" (full-integer I/O) or "float32"
     criteria: GateCriteria = field(default_factory=GateCriteria)
     calibrator: str = "minmax"
     exclude_nodes: list[str] = field(default_factory=list)
@@ -98,12 +106,74 @@ def producer_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {"fundus_edge": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy", "pillow"):
+    for dist in ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-edge-quantizer",
+                 "ai-edge-litert", "numpy", "pillow"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             continue
     return versions
+
+
+def _check_tflite_config(cfg: BuildConfig) -> None:
+    import importlib.util
+
+    if cfg.formats not in (("onnx",), ("onnx", "tflite")):
+        raise UsageError(f"--formats is onnx or onnx,tflite (the ONNX fp32 file is the reference), got "
+                         f"{','.join(cfg.formats) or 'nothing'}")
+    if "tflite" not in cfg.formats:
+        return
+    if cfg.tflite_layout not in ("NHWC", "NCHW"):
+        raise UsageError(f"--tflite-layout is NHWC or NCHW, got {cfg.tflite_layout!r}")
+    if cfg.tflite_int8_io not in ("int8", "float32"):
+        raise UsageError(f"--tflite-int8-io is int8 or float32, got {cfg.tflite_int8_io!r}")
+    for module, dist in (("litert_torch", "litert-torch"), ("ai_edge_quantizer", "ai-edge-quantizer"),
+                         ("ai_edge_litert", "ai-edge-litert")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(dist, "export", "Building TFLite artifacts (--formats ...,tflite)")
+
+
+@dataclass
+class _TfliteStage:
+    """What the TFLite export and quantization stages produced."""
+
+    artifacts: list[dict[str, Any]]
+    export: dict[str, Any]
+    quantization: dict[str, Any]
+
+
+def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: Path, parity_x: np.ndarray,
+                  calib: PreparedInputs, calib_selection: dict[str, Any], positive: list[int], say: Log,
+                  step: Callable[[str], float]) -> _TfliteStage:
+    """TFLite fp32 (litert-torch) with parity vs PyTorch, then full-integer int8 (ai-edge-quantizer)."""
+    from .export.tflite import export_tflite
+    from .export.validate import torch_outputs, validate_export
+    from .quantization.quantize_tflite import TfliteQuantConfig, quantize_tflite
+    from .runtime.compare import Tolerance
+
+    layout = cfg.tflite_layout
+    t = step(f"exporting TFLite fp32 (litert-torch, {layout} input) and checking parity")
+    fp32_path = staging / "model.fp32.tflite"
+    exp = export_tflite(module, fp32_path, spec.size, model_layout=spec.layout, layout=layout)
+    # PyTorch runs on the model's own layout; the file gets the same images in its layout
+    parity = validate_export(module, "tflite", fp32_path, relayout(parity_x, spec.layout, layout), positive,
+                             Tolerance(atol=cfg.export_atol), name="tflite-fp32",
+                             reference=torch_outputs(module, parity_x))
+    say(f"      {parity.row()} ({time.perf_counter() - t:.1f}s)")
+    artifacts: list[dict[str, Any]] = [{"id": "tflite-fp32", "path": fp32_path.name, "format": "tflite",
+                                        "precision": "fp32", "layout": layout, "io_dtype": "float32"}]
+    quant: dict[str, Any] = {}
+    if "int8" in cfg.precisions:
+        t = step(f"quantizing TFLite to full-integer int8 ({cfg.tflite_int8_io} I/O, global min/max) on "
+                 f"{len(calib.sources)} calibration images")
+        int8_path = staging / "model.int8.tflite"
+        q = quantize_tflite(fp32_path, int8_path, relayout(calib.tensors, spec.layout, layout),
+                            TfliteQuantConfig(io_dtype=cfg.tflite_int8_io, threads=cfg.threads))
+        quant["tflite-int8"] = {**q.to_dict(), "calibration_selection": calib_selection}
+        artifacts.append({"id": "tflite-int8", "path": int8_path.name, "format": "tflite", "precision": "int8",
+                          "layout": layout, "io_dtype": q.coverage.input_dtype})
+        say(f"      {q.coverage.summary()} ({time.perf_counter() - t:.1f}s)")
+    return _TfliteStage(artifacts, {"tflite-fp32": {**parity.to_dict(), **exp.to_dict()}}, quant)
 
 
 def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
@@ -112,6 +182,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         import torch  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("torch", "export", "Building a bundle") from exc
+    _check_tflite_config(cfg)
     from .export.load import load_model
     from .export.onnx import INPUT_NAME, export_onnx
     from .export.validate import torch_outputs, validate_export
@@ -128,7 +199,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         raise UsageError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-    n_steps = 6
+    n_tflite = ("tflite" in cfg.formats) * (1 + ("int8" in cfg.precisions))
+    n_steps = 6 + n_tflite
     t = _stage(say, 1, n_steps, f"loading model {cfg.model}")
     loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
     meta = loaded.meta
@@ -137,7 +209,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     num_classes = loaded.num_classes or int(meta.get("num_classes", 0)) or None
     class_names = cfg.class_names or meta.get("class_names")
     positive = cfg.positive_classes or meta.get("positive_classes")
-    probe = torch_outputs(loaded.module, np.zeros((1, 3, spec.size, spec.size), np.float32))
+    probe_shape = (1, 3, spec.size, spec.size) if spec.layout == "NCHW" else (1, spec.size, spec.size, 3)
+    probe = torch_outputs(loaded.module, np.zeros(probe_shape, np.float32))
     n_out = probe.shape[-1]
     if num_classes and num_classes != n_out:
         raise UsageError(f"--num-classes {num_classes} but the model outputs {n_out} values")
@@ -191,8 +264,9 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         scores: dict[str, np.ndarray] = {}
         infer_ms: dict[str, float] = {}
 
-        def score(artifact_id: str, fmt: str, path: Path) -> None:
-            logits, backend = run_backend(fmt, path, val_in.tensors, settings)
+        def score(artifact_id: str, fmt: str, path: Path, layout: str = spec.layout) -> None:
+            x = relayout(val_in.tensors, spec.layout, layout)  # each file gets the images in its own layout
+            logits, backend = run_backend(fmt, path, x, settings)
             scores[artifact_id] = referable_probability(logits, positive)
             infer_ms[artifact_id] = float(np.mean(backend.timings.infer_ms))
 
@@ -236,13 +310,29 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
                 f"({time.perf_counter() - t:.1f}s)")
         else:
             _stage(say, 4, n_steps, "int8 not requested; skipping quantization")
+        export_info: dict[str, Any] = {"onnx-fp32": {**parity.to_dict(), **exp.to_dict()}}
+        if "tflite" in cfg.formats:
+            step_no = [4]
 
-        t = _stage(say, 5, n_steps, "clinical gate: evaluating the shipped files through the runtime backend")
+            def step(text: str) -> float:
+                step_no[0] += 1
+                return _stage(say, step_no[0], n_steps, text)
+
+            selection = {"from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
+                         "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}
+            tfl = _build_tflite(cfg, loaded.module, spec, staging, parity_x, calib_in, selection, positive, say, step)
+            artifacts += tfl.artifacts
+            export_info.update(tfl.export)
+            quant_summary.update(tfl.quantization)
+
+        t = _stage(say, 5 + n_tflite, n_steps, "clinical gate: evaluating the shipped files through the runtime "
+                   "backends")
         for a in artifacts:
             if a["id"] not in scores:
-                score(a["id"], a["format"], staging / a["path"])
+                score(a["id"], a["format"], staging / a["path"], a["layout"])
             if a["id"] not in infer_ms:
-                _, backend = run_backend(a["format"], staging / a["path"], val_in.tensors[:16], settings)
+                x16 = relayout(val_in.tensors[:16], spec.layout, a["layout"])
+                _, backend = run_backend(a["format"], staging / a["path"], x16, settings)
                 infer_ms[a["id"]] = float(np.mean(backend.timings.infer_ms))
             a["mean_infer_ms"] = infer_ms[a["id"]]
             a["bytes"] = (staging / a["path"]).stat().st_size
@@ -260,7 +350,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             f"{ref_eval.specificity:.4f} ({time.perf_counter() - t:.1f}s)")
         for a in artifacts:
             g_match = next((g for g in gates if g.artifact == a["id"]), None)
-            a["gate"] = g_match.to_dict() if g_match else {"passed": parity.passed, "role": "reference",
+            a["gate"] = g_match.to_dict() if g_match else {"passed": export_info[ref_id]["passed"],
+                                                           "role": "reference",
                                                            "auc": ref_eval.auc, "sensitivity": ref_eval.sensitivity,
                                                            "specificity": ref_eval.specificity}
         report: dict[str, Any] = {
@@ -272,7 +363,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "reference": ref_eval.to_dict(),
             "gates": [g.to_dict() for g in gates],
             "confusion": {ref_id: ref_eval.confusion, **{g.artifact: g.candidate_eval.confusion for g in gates}},
-            "export": {"onnx-fp32": {**parity.to_dict(), **exp.to_dict()}},
+            "export": export_info,
             "quantization": quant_summary,
             "layer_errors": layer_report,
             "artifacts": [{k: a[k] for k in ("id", "path", "bytes", "mean_infer_ms")} for a in artifacts],
@@ -282,7 +373,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "labels": y.tolist(),
         }
 
-        t = _stage(say, 6, n_steps, "writing bundle" if gate_passed or cfg.allow_failed_gate else
+        t = _stage(say, n_steps, n_steps, "writing bundle" if gate_passed or cfg.allow_failed_gate else
                    "gate failed: writing the report only")
         if not gate_passed and not cfg.allow_failed_gate:
             report_dir = out.parent / f"{out.name}.gate-failed"
@@ -303,7 +394,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
         digest = hashlib.sha256()
         for a in artifacts:
-            digest.update(hashlib.sha256((staging / a["path"]).read_bytes()).digest())
+            a["sha256"] = sha256_file(staging / a["path"])
+            digest.update(bytes.fromhex(a["sha256"]))
         name = cfg.name or report["name"]
         manifest: dict[str, Any] = {
             "bundle_id": f"{name}-{digest.hexdigest()[:12]}",
@@ -327,7 +419,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
                                               "delta_sensitivity": g.delta_sensitivity, "flips": g.flips}
                                  for g in gates}},
             "quantization": quant_summary,
-            "export": {"onnx-fp32": exp.to_dict()},
+            "export": export_info,
             "producer": producer_versions(),
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
         }

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
 checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
-be screened (the others were). ``--json`` prints one JSON document on stdout; progress goes to stderr.
+be screened (the others were); 11 runners disagree beyond tolerance (``compare``). ``--json`` prints one JSON
+document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench")
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -52,9 +53,16 @@ def _format_result(r: Any) -> str:
 
 def cmd_screen(args: argparse.Namespace) -> int:
     from .runtime import expand_inputs, load
+    from .runtime.backends import FORMATS_BY_BACKEND
 
+    fmt = args.format
+    if args.backend:
+        if fmt and FORMATS_BY_BACKEND[args.backend] != fmt:
+            raise UsageError(f"--backend {args.backend} runs {FORMATS_BY_BACKEND[args.backend]} files, "
+                             f"not --format {fmt}")
+        fmt = FORMATS_BY_BACKEND[args.backend]
     sources = expand_inputs(args.inputs)
-    screener = load(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
+    screener = load(args.bundle, artifact=args.artifact, fmt=fmt, precision=args.precision,
                     settings=_settings(args))
     with screener:
         results = list(screener.screen_many(sources))
@@ -90,13 +98,16 @@ def _build_config(args: argparse.Namespace) -> Any:
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
         debug_layers=not args.no_debug_layers,
+        formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
+        tflite_int8_io=args.tflite_int8_io,
     )
 
 
 def _build_summary(result: Any) -> str:
     rep = result.report
     ref = rep["reference"]
-    lines = [f"reference onnx-fp32: AUC {ref['auc']:.4f} (95% CI {ref['auc_ci'][0]:.3f}-{ref['auc_ci'][1]:.3f}), "
+    lines = [f"reference {rep['operating_point']['locked_on']}: AUC {ref['auc']:.4f}"
+             f" (95% CI {ref['auc_ci'][0]:.3f}-{ref['auc_ci'][1]:.3f}), "
              f"sensitivity {ref['sensitivity']:.4f}, specificity {ref['specificity']:.4f} at threshold "
              f"{rep['operating_point']['threshold']:.4f}"]
     for g in rep["gates"]:
@@ -144,7 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
              + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")]
     for a in b.artifacts:
         mark = " (default)" if a.id == m.get("default_artifact") else ""
-        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout}{mark}")
+        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout} {a.io_dtype} I/O{mark}")
     _emit(args, {"bundle_id": b.bundle_id, "manifest": m, "verified": True}, "\n".join(lines))
     return 0
 
@@ -175,7 +186,7 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-delta-sensitivity", type=float, default=-0.01)
     g.add_argument("--max-flip-rate", type=float, default=0.01)
     g.add_argument("--operating-point", default="sensitivity>=0.90",
-                   help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the fp32 ONNX")
+                   help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the first format's fp32 file")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
     g.add_argument("--noninferiority-margin", type=float, default=None,
                    help="require the paired-bootstrap 95%% CI lower bound of Δsensitivity above this (e.g. -0.02)")
@@ -192,7 +203,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", required=True, type=Path)
     s.add_argument("inputs", nargs="+", help="image files or directories")
     s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
-    s.add_argument("--format", choices=["onnx"], help="pick an artifact by format")
+    s.add_argument("--format", choices=["onnx", "tflite"], help="pick an artifact by format")
+    s.add_argument("--backend", choices=["onnxruntime", "litert"],
+                   help="pick an artifact by the backend that runs it (onnxruntime: onnx, litert: tflite)")
     s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
     s.add_argument("--threads", type=int, default=1, help="inference threads (0: backend default)")
     s.add_argument("--json", action="store_true")
@@ -218,6 +231,13 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--fallback-max-trials", type=int, default=12)
     b.add_argument("--fallback-max-seconds", type=float, default=900.0)
     b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
+    b.add_argument("--formats", default="onnx,tflite",
+                   help="artifact formats, comma-separated (default onnx,tflite); the first one's fp32 file locks "
+                        "the operating point and its int8 file is the default artifact")
+    b.add_argument("--tflite-layout", choices=["NHWC", "NCHW"], default="NHWC",
+                   help="input layout of the .tflite files (default NHWC: no transpose on the device)")
+    b.add_argument("--tflite-int8-io", choices=["int8", "float32"], default="int8",
+                   help="I/O tensors of the int8 .tflite (default int8: full-integer, as NPUs/Edge TPUs need)")
     b.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     b.add_argument("--export-atol", type=float, default=1e-3)
     b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")

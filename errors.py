@@ -36,6 +36,20 @@ class MissingDependencyError(FundusEdgeError):
         )
 
 
+class RuntimeMissingError(MissingDependencyError):
+    """None of the packages that can provide a runtime imports; the message lists what was tried."""
+
+    def __init__(self, package: str, extra: str, purpose: str, tried: list[str], alternatives: str = "") -> None:
+        self.package = package
+        self.extra = extra
+        self.tried = list(tried)
+        FundusEdgeError.__init__(
+            self,
+            f"{purpose} needs one of several packages and none imports (tried: {'; '.join(tried)}). "
+            f"Install it with: pip install 'fundus-edge[{extra}]' ({package}){alternatives}",
+        )
+
+
 class BundleError(FundusEdgeError):
     """A bundle cannot be used: missing, wrong schema, or failed verification."""
 
@@ -75,6 +89,13 @@ class GateFailedError(FundusEdgeError):
 
     exit_code = 8
     code = "gate-failed"
+
+
+class ParityError(FundusEdgeError):
+    """Two runners of the same model disagree beyond tolerance (``compare``)."""
+
+    exit_code = 11
+    code = "parity"
 
 
 class DataError(FundusEdgeError):

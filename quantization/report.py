@@ -64,6 +64,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Quantization", ""]
         for name, q in report["quantization"].items():
             cfg = q["config"]
+            if "full_integer" in q:  # TFLite (ai-edge-quantizer)
+                lines.append(
+                    f"- **{name}**: {q['tool']}; calibration {cfg['calibration']}, I/O {q['io_dtype']['input']} -> "
+                    f"{q['io_dtype']['output']}, {q['n_calibration']} calibration images; "
+                    f"{'full-integer' if q['full_integer'] else '**NOT full-integer**'}; int8 MAC share "
+                    f"{q['int8_mac_fraction']:.1%}; integer ops {q['quantized_ops']}; float ops "
+                    f"{q['float_ops'] or 'none'}; float<->int conversions inside the graph {q['inner_conversions']}."
+                )
+                continue
             lines.append(
                 f"- **{name}**: {q['tool']} ({q['format']}), calibrator {cfg['calibrator']}, "
                 f"per-channel {cfg['per_channel']}, activations {cfg['activation_type']} / weights "

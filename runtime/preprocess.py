@@ -300,6 +300,17 @@ def normalize(
     return out
 
 
+def relayout(tensors: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """A (N, ...) batch of preprocessed images from layout ``src`` to ``dst`` ("NCHW" / "NHWC"): same values."""
+    for name in (src, dst):
+        if name not in ("NCHW", "NHWC"):
+            raise UsageError(f"layout must be NCHW or NHWC, got {name!r}")
+    if src == dst:
+        return tensors
+    axes = (0, 2, 3, 1) if dst == "NHWC" else (0, 3, 1, 2)
+    return np.ascontiguousarray(tensors.transpose(axes))
+
+
 def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None) -> Preprocessed:
     """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images."""
     t0 = time.perf_counter()

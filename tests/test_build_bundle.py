@@ -22,7 +22,7 @@ def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None
     m = built.manifest
     assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 1
     ids = {a["id"]: a for a in m["artifacts"]}
-    assert set(ids) == {"onnx-fp32", "onnx-int8"}
+    assert set(ids) == {"onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"}  # build makes both formats
     assert m["default_artifact"] == "onnx-int8"
     for rel, entry in m["files"].items():
         assert sha256_file(built.out / rel) == entry["sha256"]

@@ -69,3 +69,7 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
               "--out", "z")
     assert r2.returncode == 3, r2.stderr
     assert "pip install 'fundus-edge[export]'" in r2.stderr
+    # no TFLite runtime in this install: the LiteRT backend fails naming what to install
+    r3 = _run(runtime_venv, "screen", "--bundle", str(built.out), "--backend", "litert", "x.jpg")
+    assert r3.returncode == 3, r3.stderr
+    assert "pip install 'fundus-edge[litert]'" in r3.stderr and "tflite-runtime" in r3.stderr
