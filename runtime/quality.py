@@ -201,8 +201,9 @@ class QualitySpec:
                 )
             except (TypeError, ValueError) as exc:
                 raise UsageError(f"quality measure {name}: bounds must be numbers or null ({exc})") from exc
+        default_source = cls.__dataclass_fields__["source"].default
         return cls(size=int(data.get("size", 224)), enabled=bool(data.get("enabled", True)), bounds=bounds,
-                   source=str(data.get("source", "custom")))
+                   source=str(data.get("source", "custom" if data else default_source)))
 
 
 def _opt_float(v: Any) -> float | None:
@@ -290,15 +291,15 @@ def _masks(fov: FieldOfView, decoded_size: tuple[int, int], size: int) -> _Masks
 
 # --------------------------------------------------------------------------------------------- filters
 def _max_filter(a: np.ndarray, k: int) -> np.ndarray:
-    """Separable k x k maximum (edges replicated)."""
-    p = k // 2
-    out = np.pad(a, p, mode="edge")
-    rows = out[:, : a.shape[1]].copy()
-    for i in range(1, k):
-        np.maximum(rows, out[:, i: i + a.shape[1]], out=rows)
-    res = rows[: a.shape[0]].copy()
-    for i in range(1, k):
-        np.maximum(res, rows[i: i + a.shape[0]], out=res)
+    """k x k maximum over the window clipped to the array (the same as replicating the edges)."""
+    out = a.copy()
+    for d in range(1, k // 2 + 1):
+        np.maximum(out[d:], a[:-d], out=out[d:])
+        np.maximum(out[:-d], a[d:], out=out[:-d])
+    res = out.copy()
+    for d in range(1, k // 2 + 1):
+        np.maximum(res[:, d:], out[:, :-d], out=res[:, d:])
+        np.maximum(res[:, :-d], out[:, d:], out=res[:, :-d])
     return res
 
 
@@ -321,8 +322,10 @@ def _kth(values: np.ndarray, q: float) -> float:
 
 
 def _block_reduce(a: np.ndarray, block: int) -> np.ndarray:
+    """Means of non-overlapping block x block tiles (the ragged edge is dropped)."""
     s = a.shape[0] // block * block
-    return a[:s, :s].reshape(s // block, block, s // block, block).mean(axis=(1, 3))
+    n = s // block
+    return a[:s, :s].reshape(s, n, block).sum(axis=2).reshape(n, block, n).sum(axis=1) * (1.0 / (block * block))
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -397,7 +400,8 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
 
     # Full resolution, green channel: noise and focus.
     g = np.asarray(image.getchannel("G"), dtype=np.float32)
-    inner = _masks(fov, decoded_size, size).inner
+    inner = np.zeros((size, size), dtype=bool)  # the half-resolution mask, back at full resolution
+    inner[: 2 * hs, : 2 * hs] = inner_h.repeat(2, axis=0).repeat(2, axis=1)
     # Immerkaer's noise kernel [1 -2 1] x [1 -2 1], centred on every other row and column of the field of view.
     d2x = g[:, 0:-2:2] - 2.0 * g[:, 1:-1:2] + g[:, 2::2]
     resp = np.abs(d2x[0:-2:2] - 2.0 * d2x[1:-1:2] + d2x[2::2])
@@ -414,26 +418,29 @@ def _sharpness(g: np.ndarray, inner: np.ndarray) -> float:
 
     On the strongest coarse-scale edges of a direction, how much of the fine-scale difference survives a
     further blur: sharp edges lose much, blurred ones little. Noise does not survive to the coarse scale, so
-    it does not pick the edges; the ratio cancels contrast. Every other row of the field of view is enough.
+    it does not pick the edges; the ratio cancels contrast. A 2 x 2 lattice of positions is enough.
     """
-    rows = np.flatnonzero(inner.any(axis=1))
-    cols = np.flatnonzero(inner.any(axis=0))
+    h, w = g.shape
+    m = 5  # the coarse image reaches 3 px, its 2-px difference 2 px further
+    rows = np.flatnonzero(inner[m: h - m].any(axis=1)) + m
+    cols = np.flatnonzero(inner[:, m: w - m].any(axis=0)) + m
     if rows.size < 8 or cols.size < 8:
         return 0.0
-    # Work inside the field of view's bounding box plus a margin for the filters and the shifts.
-    m = 6
-    y0, y1 = max(rows[0] - m, 0), min(rows[-1] + m + 1, g.shape[0])
-    x0, x1 = max(cols[0] - m, 0), min(cols[-1] + m + 1, g.shape[1])
-    fine = np.pad(_smooth121(g[y0:y1, x0:x1]), 1, mode="edge")  # sigma ~0.7 px
-    coarse = np.pad(_smooth121(_smooth121(fine)), 2, mode="edge")  # sigma ~1.2 px
-    sel = inner[y0:y1, x0:x1][m:-m:2, m:-m:2]
-    h, w = fine.shape
-    here = fine[m: h - m: 2, m: w - m: 2]
-    here_c = coarse[m: h - m: 2, m: w - m: 2]
+    y0, y1, x0, x1 = rows[0] - m, rows[-1] + m + 1, cols[0] - m, cols[-1] + m + 1
+    fine = _smooth121(g[y0:y1, x0:x1])  # sigma ~0.7 px; index i <-> position i + 1
+    coarse = _smooth121(_smooth121(fine))  # sigma ~1.2 px; index i <-> position i + 3
+    hh, ww = y1 - y0, x1 - x0
+    ys, xs = slice(m, hh - m, 2), slice(m, ww - m, 2)
+    sel = inner[y0:y1, x0:x1][ys, xs]
+
+    def at(a: np.ndarray, off: int, dy: int, dx: int) -> np.ndarray:
+        return a[m - off + dy: hh - m - off + dy: 2, m - off + dx: ww - m - off + dx: 2]
+
+    here_f, here_c = at(fine, 1, 0, 0), at(coarse, 3, 0, 0)
     best = 1.0
     for dy, dx in _DIRECTIONS:
-        d_fine = np.abs(fine[m + dy: h - m + dy: 2, m + dx: w - m + dx: 2] - here)[sel]
-        d_coarse = np.abs(coarse[m + 2 * dy: h - m + 2 * dy: 2, m + 2 * dx: w - m + 2 * dx: 2] - here_c)[sel] * 0.5
+        d_fine = np.abs(at(fine, 1, dy, dx) - here_f)[sel]
+        d_coarse = np.abs(at(coarse, 3, 2 * dy, 2 * dx) - here_c)[sel] * 0.5
         edges = d_coarse >= max(_kth(d_coarse, 0.9), 0.5)
         total = float(d_fine[edges].sum())
         if total <= 0:
@@ -450,7 +457,7 @@ def _dark_area(luma: np.ndarray, inner: np.ndarray, block: int) -> float:
     if ok.sum() < 4:
         return 0.0
     means = sums[ok] / cover[ok]
-    ref = max(float(np.percentile(means, 90)), _DARK_FLOOR)
+    ref = max(_kth(means, 0.9), _DARK_FLOOR)
     return float((means < 0.3 * ref).mean())
 
 
