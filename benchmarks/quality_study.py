@@ -64,6 +64,14 @@ def study(seed: int, n_good: int, n_bad: int, n_other: int, spec: QualitySpec) -
         v = np.array([x["result"].measures[name] for x in good + bad])
         per_measure[name] = auc(y, _oriented(name, v, spec))
     combined = auc(y, np.array([x["result"].score for x in good + bad]))
+    # Per degradation kind: which measures separate it from the good photos (each measure targets one problem).
+    per_kind_best: dict[str, dict[str, float]] = {}
+    for kind in sorted({x["kind"] for x in bad}):
+        kb = [x for x in bad if x["kind"] == kind]
+        yk = np.r_[np.ones(len(good)), np.zeros(len(kb))]
+        aucs = {name: auc(yk, _oriented(name, np.array([x["result"].measures[name] for x in good + kb]), spec))
+                for name in MEASURES}
+        per_kind_best[kind] = dict(sorted(aucs.items(), key=lambda kv: -kv[1])[:3])
     per_camera = {}
     for cam in sorted({x["camera"] for x in good}):
         g = [x["result"].score for x in good if x["camera"] == cam]
@@ -89,6 +97,7 @@ def study(seed: int, n_good: int, n_bad: int, n_other: int, spec: QualitySpec) -
         "bad_rejected": float(np.mean([not x["result"].gradable for x in bad])),
         "non_fundus_rejected": float(np.mean([not x["result"].gradable for x in other])),
         "combined_auc": combined, "per_camera": per_camera, "per_measure_auc": per_measure,
+        "per_kind_best_measures": per_kind_best,
         "degradations": by_kind(bad), "non_fundus": by_kind(other),
         "assess_ms": {"p50": float(np.median(cost)), "p95": float(np.percentile(cost, 95))},
     }
@@ -189,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['n_bad']} degraded)")
     print("per-measure AUC (good vs all degradations; a measure aimed at one failure mode scores low on the mix):")
     print("  " + ", ".join(f"{k} {v:.3f}" for k, v in s["per_measure_auc"].items()))
+    print("best single measures per degradation kind (AUC good vs that kind):")
+    for kind, best in s["per_kind_best_measures"].items():
+        print(f"  {kind:<13} " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
     for title, key in (("degradation", "degradations"), ("non-fundus", "non_fundus")):
         for kind, d in s[key].items():
             print(f"  {title:<11} {kind:<13} rejected {d['rejected']:6.1%} of {d['n']:3d}  {d['top_failures']}")

@@ -339,36 +339,38 @@ _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
 
 def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[int, int]) -> dict[str, float]:
     """All measures of one quality crop (square RGB, the field of view's bounding square)."""
-    size = image.size[0]
     w, h = decoded_size
     out: dict[str, float] = {
         "fov_found": 1.0 if fov.found else 0.0,
         "fov_size": 2.0 * fov.radius / min(w, h),
         "fov_centring": math.hypot(fov.cx - w / 2.0, fov.cy - h / 2.0) / max(fov.radius, 1.0),
     }
-    # Half resolution (box-averaged) for illumination, colour and vessels; full resolution for noise and focus.
-    half = image.reduce(2)
-    hs = half.size[0]
+    # Box-averaged copies: quarter resolution (RGB) for illumination and colour, half resolution (green) for
+    # contrast and vessels, full resolution (green) for noise and focus.
+    hs, qs = image.size[0] // 2, image.size[0] // 4
     mh = _masks(fov, decoded_size, hs)
+    mq = _masks(fov, decoded_size, qs)
     out["fov_visible"] = mh.visible
-    inner_h = mh.inner
+    inner_h, inner_q = mh.inner, mq.inner
     if int(inner_h.sum()) < 0.05 * hs * hs:  # no usable retina (field of view almost out of the frame)
         inner_h = np.zeros_like(inner_h)
         inner_h[hs // 4: 3 * hs // 4, hs // 4: 3 * hs // 4] = True
-    rgb_h = np.asarray(half, dtype=np.float32)
-    luma = rgb_h @ _LUMA
-    y_in = luma[inner_h]
-    mean_y = float(y_in.mean())
+        inner_q = inner_h[::2, ::2][:qs, :qs]
+    rgb_q = np.asarray(image.reduce(4), dtype=np.float32)
+    luma = rgb_q @ _LUMA
+    y_in = luma[inner_q]
+    mean_y = float(y_in.mean()) if y_in.size else 0.0
     # Field-of-view surround: a fundus camera's circle sits on black.
-    out["fov_border"] = (float(luma[mh.outside].mean()) / max(mean_y, _DARK_FLOOR)
-                         if mh.outside.sum() >= 0.005 * hs * hs else 0.0)
+    out["fov_border"] = (float(luma[mq.outside].mean()) / max(mean_y, _DARK_FLOOR)
+                         if mq.outside.sum() >= 0.005 * qs * qs else 0.0)
     # Exposure and illumination.
     out["brightness"] = mean_y / 255.0
-    out["saturated"] = float((y_in >= 235.0).mean())
-    out["dark_area"] = _dark_area(luma, inner_h, max(4, hs // 14))
+    out["saturated"] = float((y_in >= 235.0).mean()) if y_in.size else 0.0
+    out["dark_area"] = _dark_area(luma, inner_q, max(2, qs // 14))
 
     # Green channel at half resolution: local contrast and vessel visibility (black top-hat).
-    g_h = rgb_h[:, :, 1]
+    g8 = image.getchannel("G")
+    g_h = np.asarray(g8.reduce(2), dtype=np.float32)
     mean_g = max(float(g_h[inner_h].mean()), _DARK_FLOOR)
     blk = max(4, hs // 16)
     gb = _block_reduce(g_h, blk)
@@ -381,9 +383,8 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
     out["vessels"] = _kth(tophat, 0.98)
 
     # Colour plausibility of a retina, on lit pixels.
-    inner_q = inner_h[::2, ::2]  # quarter resolution is plenty for colour statistics
-    sub = rgb_h[::2, ::2][inner_q]
-    lit = sub[luma[::2, ::2][inner_q] > 20.0]
+    sub = rgb_q[inner_q]
+    lit = sub[y_in > 20.0]
     if len(lit) < 0.05 * len(sub) or len(lit) < 16:
         lit = sub
     r, gg, b = lit[:, 0], lit[:, 1], lit[:, 2]
@@ -398,50 +399,51 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
         rho = math.hypot(float(x.sum()), float(yv.sum())) / total_c
         out["hue_spread"] = math.degrees(math.sqrt(-2.0 * math.log(max(rho, 1e-9))))
 
-    # Full resolution, green channel: noise and focus.
-    g = np.asarray(image.getchannel("G"), dtype=np.float32)
-    inner = np.zeros((size, size), dtype=bool)  # the half-resolution mask, back at full resolution
-    inner[: 2 * hs, : 2 * hs] = inner_h.repeat(2, axis=0).repeat(2, axis=1)
-    # Immerkaer's noise kernel [1 -2 1] x [1 -2 1], centred on every other row and column of the field of view.
+    # Full resolution, green channel: noise and focus, sampled on the 2 x 2 lattice of centres (2i+1, 2j+1),
+    # which are the half-resolution pixels (i, j): the half-resolution mask says which lie in the field of view.
+    # Every other row of those centres is enough for the statistics.
+    g = np.asarray(g8, dtype=np.float32)
+    sample = inner_h.copy()
+    sample[1::2] = False
+    # Immerkaer's noise kernel [1 -2 1] x [1 -2 1]
     d2x = g[:, 0:-2:2] - 2.0 * g[:, 1:-1:2] + g[:, 2::2]
     resp = np.abs(d2x[0:-2:2] - 2.0 * d2x[1:-1:2] + d2x[2::2])
-    sel = inner[1:-1:2, 1:-1:2]
-    resp = resp[: sel.shape[0], : sel.shape[1]][sel[: resp.shape[0], : resp.shape[1]]]
+    resp = resp[sample[: resp.shape[0], : resp.shape[1]]]
     lower = np.partition(resp, resp.size // 2)[: resp.size // 2] if resp.size >= 2 else resp
     out["noise"] = float(lower.mean()) / (_LOWER_HALF_MEAN * 6.0) if lower.size else 0.0
-    out["sharpness"] = _sharpness(g, inner)
+    out["sharpness"] = _sharpness(g, sample)
     return out
 
 
-def _sharpness(g: np.ndarray, inner: np.ndarray) -> float:
+def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
     """Re-blur sharpness (after Crete-Roffet et al. 2007), the least over four directions (motion blur).
 
     On the strongest coarse-scale edges of a direction, how much of the fine-scale difference survives a
     further blur: sharp edges lose much, blurred ones little. Noise does not survive to the coarse scale, so
-    it does not pick the edges; the ratio cancels contrast. A 2 x 2 lattice of positions is enough.
+    it does not pick the edges; the ratio cancels contrast. Sampled at the centres (2i+1, 2j+1) of the
+    half-resolution pixels (i, j) of the field of view (``inner_h``).
     """
     h, w = g.shape
     m = 5  # the coarse image reaches 3 px, its 2-px difference 2 px further
-    rows = np.flatnonzero(inner[m: h - m].any(axis=1)) + m
-    cols = np.flatnonzero(inner[:, m: w - m].any(axis=0)) + m
-    if rows.size < 8 or cols.size < 8:
+    iy, ix = np.nonzero(inner_h)
+    py, px = iy * 2 + 1, ix * 2 + 1
+    keep = (py >= m) & (py < h - m) & (px >= m) & (px < w - m)
+    py, px = py[keep], px[keep]
+    if py.size < 64:
         return 0.0
-    y0, y1, x0, x1 = rows[0] - m, rows[-1] + m + 1, cols[0] - m, cols[-1] + m + 1
+    y0, y1, x0, x1 = int(py.min()) - m, int(py.max()) + m + 1, int(px.min()) - m, int(px.max()) + m + 1
     fine = _smooth121(g[y0:y1, x0:x1])  # sigma ~0.7 px; index i <-> position i + 1
     coarse = _smooth121(_smooth121(fine))  # sigma ~1.2 px; index i <-> position i + 3
-    hh, ww = y1 - y0, x1 - x0
-    ys, xs = slice(m, hh - m, 2), slice(m, ww - m, 2)
-    sel = inner[y0:y1, x0:x1][ys, xs]
-
-    def at(a: np.ndarray, off: int, dy: int, dx: int) -> np.ndarray:
-        return a[m - off + dy: hh - m - off + dy: 2, m - off + dx: ww - m - off + dx: 2]
-
-    here_f, here_c = at(fine, 1, 0, 0), at(coarse, 3, 0, 0)
+    wf, wc = (x1 - x0) - 2, (x1 - x0) - 6
+    at_f = (py - y0 - 1) * wf + (px - x0 - 1)
+    at_c = (py - y0 - 3) * wc + (px - x0 - 3)
+    ff, cf = fine.ravel(), coarse.ravel()
+    here_f, here_c = ff[at_f], cf[at_c]
     best = 1.0
     for dy, dx in _DIRECTIONS:
-        d_fine = np.abs(at(fine, 1, dy, dx) - here_f)[sel]
-        d_coarse = np.abs(at(coarse, 3, 2 * dy, 2 * dx) - here_c)[sel] * 0.5
-        edges = d_coarse >= max(_kth(d_coarse, 0.9), 0.5)
+        d_fine = np.abs(ff[at_f + (dy * wf + dx)] - here_f)
+        d_coarse = np.abs(cf[at_c + 2 * (dy * wc + dx)] - here_c) * 0.5
+        edges = d_coarse >= max(_kth(d_coarse[::4], 0.9), 0.5)  # an approximate top decile is enough
         total = float(d_fine[edges].sum())
         if total <= 0:
             return 0.0

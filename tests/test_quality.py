@@ -280,3 +280,22 @@ def test_check_reports_ungradable_rate_and_gradable_metrics(built: Any, synth_va
     assert "ungradable" in rep["text"] and "gradable only" in rep["text"]
     # the int8-vs-fp32 gate itself is unchanged: it still compares all images
     assert rep["evaluations"]["onnx-fp32"]["n"] == 60
+
+
+def test_bench_measures_the_quality_share_side_by_side(built: Any, real_photos: list[Path], tmp_path: Path) -> None:
+    """`bench` reports the quality stage and the end-to-end p50 with and without the check (gradable runs only)."""
+    from fundus_edge.runtime.backends import BackendSettings
+    from fundus_edge.runtime.bench import format_table, run_bench
+
+    blurred = tmp_path / "blurred.jpg"
+    img = Image.open(real_photos[0]).convert("RGB")
+    img.filter(ImageFilter.GaussianBlur(0.012 * min(img.size))).save(blurred, quality=92)
+    images = [str(real_photos[0]), str(real_photos[1]), str(blurred)]
+    (row,) = run_bench(built.out, images, BackendSettings(threads=1), ["onnx-int8"], repeats=2, cold=False)
+    q = row.quality_overhead
+    assert q is not None and q["n_gradable_runs"] == 4 and q["n_ungradable_runs"] == 2
+    assert q["e2e_p50_with_ms"] > 0 and q["e2e_p50_without_ms"] > 0 and q["quality_p50_ms"] > 0
+    assert q["overhead"] == pytest.approx(q["e2e_p50_with_ms"] / q["e2e_p50_without_ms"] - 1)
+    assert row.stages_ms["quality"].p50 > 0
+    text = format_table([row])
+    assert "image-quality check adds" in text and "ungradable" in text
