@@ -1,22 +1,30 @@
 """Image quality: is this photograph a gradable fundus image? Cheap rule-based measures, numpy + Pillow only.
 
 The measures are computed on the quality crop that :func:`~fundus_edge.runtime.preprocess.preprocess` cuts
-from the same decoded image as the network input (the square around the detected field of view, at
-:attr:`QualitySpec.size` pixels, 256 by default, whatever the network's input size), inside the field of view:
+from the same decoded image as the network input: the square around the detected field of view, at
+:attr:`QualitySpec.size` pixels (224 by default, the default network size, so the network's crop is reused;
+other network sizes get their own crop at this size, so the thresholds do not depend on the model). Inside the
+field of view (quarter resolution for exposure and colour, half for contrast and vessels, full for noise and
+focus):
 
 ====================  ======================================================================================
 ``fov_found``         1 when a circular field of view was detected, else 0
-``fov_visible``       fraction of the field-of-view circle that lies inside the frame
-``fov_border``        brightness outside the circle / inside it (a fundus photo has a black surround)
-``brightness``        mean luma inside the field of view, 0..1 (under- and over-exposure)
-``saturated``         fraction of the field of view that is burnt out (luma >= 235)
-``dark_area``         fraction of the field of view (16-px blocks) darker than 30 % of its bright part:
-                      shadows of a small pupil, eyelashes, a misaligned eye
-``noise``             sensor-noise sigma of the green channel in grey levels (Immerkær's estimator)
-``contrast``          local contrast of the green channel: std of (G - Gaussian(G)) / mean(G)
-``sharpness``         contrast-normalised focus: RMS Laplacian (noise removed) / RMS band-pass detail
+``fov_size``          the detected circle's diameter / the frame's short side (small when only a small pupil
+                      lets light in)
+``fov_centring``      distance of the circle's centre from the frame's centre, in circle radii
+``fov_visible``       fraction of the circle that lies inside the frame
+``fov_border``        brightness outside the circle / inside it (a fundus camera's circle sits on black)
+``brightness``        mean luma, 0..1 (bounded below and above: under- and over-exposure)
+``saturated``         fraction that is burnt out (luma >= 235)
+``dark_area``         fraction of 16-px blocks darker than 30 % of the 90th-percentile block: shadows of a
+                      small pupil, eyelashes, a misaligned eye
+``noise``             sensor-noise sigma of the green channel in grey levels (Immerkær's kernel, lower half)
+``contrast``          local contrast of the green channel: RMS of its 16-px block standard deviations / mean
+``sharpness``         re-blur focus measure (after Crété-Roffet et al. 2007): on the strongest coarse-scale
+                      edges, the share of fine-scale gradient that a further blur removes; the least over four
+                      directions, so motion blur counts; contrast cancels out, noise does not pick the edges
 ``vessels``           vessel visibility: 98th percentile of the green channel's black top-hat / local level
-``red_share``         R / (R + G + B) inside the field of view
+``red_share``         R / (R + G + B) of lit pixels
 ``channel_order``     fraction of lit pixels with R >= G >= B
 ``hue_spread``        chroma-weighted circular standard deviation of the hue, in degrees
 ====================  ======================================================================================
@@ -28,11 +36,11 @@ nearest bound in units of the measure's ``scale``: it is >= 0.5 exactly when the
 images by their weakest measure.
 
 Darkness is guarded first: the relative measures divide by a floored brightness, and a dark image fails on
-``brightness`` whatever its other measures say (a very dark, noisy frame can look vessel-rich); the hint then
-speaks of light, not focus.
+``brightness`` whatever its other measures say (a very dark, noisy frame can look vessel-rich); the reasons
+then start with darkness and the hint speaks of light, not focus.
 
 Colour and thresholds do not transfer between cameras: calibrate them per camera with
-``fundus-edge quality calibrate --good DIR --bad DIR``.
+``fundus-edge quality calibrate --good DIR --bad DIR`` (``quality_calibration.py``).
 """
 
 from __future__ import annotations
@@ -147,7 +155,11 @@ DEFAULT_BOUNDS: dict[str, Bounds] = {
 
 @dataclass(frozen=True)
 class QualitySpec:
-    """Everything the quality check needs; serialised into the bundle manifest as ``quality``."""
+    """Everything the quality check needs; serialised into the bundle manifest as ``quality``.
+
+    The default bounds are for the default ``size`` (224 px): the focus and noise measures depend on the
+    crop's scale, so a spec with another size needs its own calibration.
+    """
 
     size: int = 224
     enabled: bool = True
@@ -161,8 +173,10 @@ class QualitySpec:
         if unknown:
             raise UsageError(f"unknown quality measures {sorted(unknown)}; this runtime knows {sorted(MEASURES)}")
         for name, b in self.bounds.items():
-            if not b.scale > 0:
-                raise UsageError(f"quality measure {name}: scale must be > 0, got {b.scale}")
+            if not (math.isfinite(b.scale) and b.scale > 0):
+                raise UsageError(f"quality measure {name}: scale must be a finite number > 0, got {b.scale}")
+            if any(v is not None and not math.isfinite(v) for v in (b.min, b.max)):
+                raise UsageError(f"quality measure {name}: bounds must be finite numbers or null")
             if b.min is not None and b.max is not None and b.min > b.max:
                 raise UsageError(f"quality measure {name}: min {b.min} is above max {b.max}")
 
@@ -201,8 +215,11 @@ class QualitySpec:
                 )
             except (TypeError, ValueError) as exc:
                 raise UsageError(f"quality measure {name}: bounds must be numbers or null ({exc})") from exc
+        size, enabled = data.get("size", 224), data.get("enabled", True)
+        if not isinstance(size, int) or isinstance(size, bool) or not isinstance(enabled, bool):
+            raise UsageError("quality spec: 'size' must be an integer and 'enabled' true or false")
         default_source = cls.__dataclass_fields__["source"].default
-        return cls(size=int(data.get("size", 224)), enabled=bool(data.get("enabled", True)), bounds=bounds,
+        return cls(size=size, enabled=enabled, bounds=bounds,
                    source=str(data.get("source", "custom" if data else default_source)))
 
 
@@ -356,7 +373,9 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
         inner_h = np.zeros_like(inner_h)
         inner_h[hs // 4: 3 * hs // 4, hs // 4: 3 * hs // 4] = True
         inner_q = inner_h[::2, ::2][:qs, :qs]
-    rgb_q = np.asarray(image.reduce(4), dtype=np.float32)
+    if int(inner_q.sum()) < 16:  # a sliver of retina: the half-resolution mask, subsampled
+        inner_q = inner_h[::2, ::2][:qs, :qs]
+    rgb_q = np.asarray(image.reduce(4), dtype=np.float32)[:qs, :qs]  # (reduce rounds odd sizes up)
     luma = rgb_q @ _LUMA
     y_in = luma[inner_q]
     mean_y = float(y_in.mean()) if y_in.size else 0.0
@@ -370,7 +389,7 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
 
     # Green channel at half resolution: local contrast and vessel visibility (black top-hat).
     g8 = image.getchannel("G")
-    g_h = np.asarray(g8.reduce(2), dtype=np.float32)
+    g_h = np.asarray(g8.reduce(2), dtype=np.float32)[:hs, :hs]
     mean_g = max(float(g_h[inner_h].mean()), _DARK_FLOOR)
     blk = max(4, hs // 16)
     gb = _block_reduce(g_h, blk)
@@ -473,11 +492,12 @@ def judge(measures: Mapping[str, float], spec: QualitySpec) -> QualityResult:
         if b is None or name not in measures:
             continue
         mg = b.margin(measures[name])
+        if math.isnan(mg):  # an unmeasurable image is not gradable
+            mg = -math.inf
         margins[name] = mg
         if mg < 0:
             failed.append(name)
-    finite = [v for v in margins.values() if math.isfinite(v)]
-    worst = min(finite) if finite else 10.0
+    worst = min((v for v in margins.values() if v != math.inf), default=10.0)
     score = 1.0 / (1.0 + math.exp(-max(min(worst, 30.0), -30.0)))
     groups = {n: _group(n, measures[n], spec.bounds[n]) for n in failed}
     # "Not a fundus" needs strong evidence: no dark surround, or two colour measures out. One colour measure
@@ -497,7 +517,10 @@ def judge(measures: Mapping[str, float], spec: QualitySpec) -> QualityResult:
         b = spec.bounds[n]
         low = b.min is not None and measures[n] < b.min
         info = MEASURES[n]
-        reasons.append(f"{n}: {info.too_low if low else info.too_high} "
+        text = info.too_low if low else info.too_high
+        if text == "-":  # a bound on a side the defaults leave open (a calibrated spec may set one)
+            text = "too low" if low else "too high"
+        reasons.append(f"{n}: {text} "
                        f"({measures[n]:.3g} {'<' if low else '>'} {b.min if low else b.max:.3g})")
     hint = HINTS[groups[failed[0]]] if failed else None
     return QualityResult(dict(measures), margins, failed, score, reasons, hint)

@@ -104,6 +104,16 @@ def test_darkness_is_guarded_first(real_photos: list[Path]) -> None:
     assert j.hint == HINTS["dark"]
 
 
+def test_degenerate_pictures_are_refused_without_warnings() -> None:
+    """Black, white, a dot, a sliver: no field of view to speak of. Refused, and no numpy warning (-W error)."""
+    frames = {"black": np.zeros((200, 300, 3), np.uint8), "white": np.full((200, 300, 3), 255, np.uint8),
+              "dot": np.pad(np.full((6, 6, 3), 200, np.uint8), ((97, 97), (147, 147), (0, 0))),
+              "sliver": np.pad(np.full((200, 12, 3), 180, np.uint8), ((0, 0), (0, 288), (0, 0)))}
+    for name, arr in frames.items():
+        r, _ = assess_source(Image.fromarray(arr), SPEC)
+        assert not r and r.score < 0.5 and r.hint, name
+
+
 def test_quality_on_other_sizes_and_network_crops(real_photos: list[Path]) -> None:
     from fundus_edge.runtime.preprocess import PreprocessSpec
 
@@ -122,7 +132,8 @@ def test_spec_round_trip_partial_and_errors(tmp_path: Path) -> None:
     assert partial.bounds["contrast"] == DEFAULT_BOUNDS["contrast"]
     for bad in ({"measures": {"focus": {"min": 1}}}, {"colour": 1}, {"version": 99},
                 {"measures": {"brightness": {"min": 0.9, "max": 0.1}}}, {"measures": {"noise": {"max": "x"}}},
-                {"size": 8}):
+                {"size": 8}, {"size": "224"}, {"enabled": "false"}, {"measures": {"noise": {"max": float("nan")}}},
+                {"measures": {"noise": {"scale": float("inf")}}}):
         with pytest.raises(UsageError):
             QualitySpec.from_dict(bad)
     assert Bounds(min=1.0, max=3.0, scale=0.5).margin(2.0) == pytest.approx(2.0)
