@@ -31,11 +31,13 @@ from .quantization.calibration import PreparedInputs, prepare_inputs, select_cal
 from .quantization.fallback import FallbackBudget
 from .quantization.gate import GateCriteria, GateResult, evaluate, gate
 from .quantization.metrics import lock_threshold
+from .quantization.quality_gate import manifest_summary, quality_summary
 from .quantization.report import write_reports
 from .runtime.backends import BackendSettings, run_backend
 from .runtime.bundle import sha256_file, write_manifest
 from .runtime.postprocess import referable_probability
 from .runtime.preprocess import PreprocessSpec, relayout
+from .runtime.quality import QualitySpec
 
 FORMATS = ("onnx", "tflite")
 
@@ -74,6 +76,7 @@ class BuildConfig:
     allow_failed_gate: bool = False
     force: bool = False
     threads: int = 0
+    quality: QualitySpec | None = None  # the bundle's image-quality spec (None: the built-in defaults)
 
 
 @dataclass
@@ -229,7 +232,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         say(f"      skipped: {p}")
     if len(val.problems) > 5:
         say(f"      ... {len(val.problems) - 5} more skipped rows (all listed in report.json)")
-    val_in = prepare_inputs(val.paths, spec, _progress(say, "validation"))
+    qspec = cfg.quality or QualitySpec()
+    val_in = prepare_inputs(val.paths, spec, _progress(say, "validation"), quality=qspec if qspec.enabled else None)
     kept = {s: i for i, s in enumerate(map(str, val.paths))}
     y = np.array([val.referable[kept[s]] for s in val_in.sources], dtype=int)
     calib_files = list_images(cfg.calib)
@@ -337,6 +341,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             a["mean_infer_ms"] = infer_ms[a["id"]]
             a["bytes"] = (staging / a["path"]).stat().st_size
         ref_id = "onnx-fp32"
+        gradable = val_in.gradable
         ref_eval = evaluate(ref_id, y, scores[ref_id], threshold, cfg.criteria)
         gates: list[GateResult] = [gate(a["id"], y, scores[ref_id], scores[a["id"]], threshold, cfg.criteria,
                                         ref_id, ref_eval) for a in artifacts if a["id"] != ref_id]
@@ -344,6 +349,14 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             say(f"      {g.artifact}: AUC {g.candidate_eval.auc:.4f} (Δ {g.delta_auc:+.4f}), sensitivity "
                 f"{g.candidate_eval.sensitivity:.4f} (Δ {g.delta_sensitivity:+.4f}), flips {g.flips} -> "
                 f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
+        quality_rep: dict[str, Any] | None = None
+        if gradable is not None and val_in.quality is not None:
+            quality_rep = quality_summary(y, gradable, scores, threshold, cfg.criteria, val_in.quality,
+                                          val_in.sources, qspec.source, ref_id)
+            say(f"      image quality: {quality_rep['n_ungradable']}/{len(y)} validation images ungradable "
+                f"({quality_rep['ungradable_rate']:.1%}); gradable-only sensitivity "
+                + ", ".join(f"{k} {v['sensitivity']:.4f}" for k, v in quality_rep["gradable"].items()
+                            if v.get("sensitivity") is not None))
         gate_passed = all(gates)
         say(f"      reference {ref_id}: AUC {ref_eval.auc:.4f} ({ref_eval.auc_ci[0]:.3f}-{ref_eval.auc_ci[1]:.3f}), "
             f"threshold {threshold:.4f}, sensitivity {ref_eval.sensitivity:.4f}, specificity "
@@ -372,6 +385,9 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "scores": {k: [float(v) for v in s] for k, s in scores.items()},
             "labels": y.tolist(),
         }
+        if quality_rep is not None:
+            report["quality"] = quality_rep
+            report["gradable"] = gradable.tolist() if gradable is not None else None
 
         t = _stage(say, n_steps, n_steps, "writing bundle" if gate_passed or cfg.allow_failed_gate else
                    "gate failed: writing the report only")
@@ -417,7 +433,9 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
                      "criteria": cfg.criteria.to_dict(), "n_validation": len(y),
                      "summary": {g.artifact: {"passed": g.passed, "delta_auc": g.delta_auc,
                                               "delta_sensitivity": g.delta_sensitivity, "flips": g.flips}
-                                 for g in gates}},
+                                 for g in gates},
+                     **({"quality": manifest_summary(quality_rep)} if quality_rep else {})},
+            "quality": qspec.to_dict(),
             "quantization": quant_summary,
             "export": export_info,
             "producer": producer_versions(),

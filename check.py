@@ -15,6 +15,7 @@ from .datasets.labels import read_labels
 from .errors import MissingDependencyError
 from .quantization.calibration import prepare_inputs
 from .quantization.gate import GateCriteria, evaluate, gate
+from .quantization.quality_gate import quality_summary
 from .runtime.backends import BackendSettings, run_backend
 from .runtime.bundle import Artifact, Bundle, load_bundle
 from .runtime.postprocess import referable_probability
@@ -34,7 +35,7 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
     crit_d = b.manifest.get("gate", {}).get("criteria", {})
     criteria = GateCriteria(**{k: v for k, v in crit_d.items() if k in GateCriteria.__dataclass_fields__})
     val = read_labels(val_csv, val_images, referable_from)
-    prepared = prepare_inputs(val.paths, b.preprocessing)
+    prepared = prepare_inputs(val.paths, b.preprocessing, quality=b.quality if b.quality.enabled else None)
     index = {str(p): i for i, p in enumerate(val.paths)}
     y = np.array([val.referable[index[s]] for s in prepared.sources], dtype=int)
     explicit = bool(artifacts)
@@ -73,6 +74,10 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
     gates = [gate(k, y, scores[ref_id], s, threshold, criteria, ref_id, evals[ref_id])
              for k, s in scores.items() if ref_art is not None and k != ref_id]
     passed = all(gates) and not unrunnable_reference
+    quality = None
+    if prepared.quality is not None and prepared.gradable is not None:
+        quality = quality_summary(y, prepared.gradable, scores, threshold, criteria, prepared.quality,
+                                  prepared.sources, b.quality.source, ref_id)
     lines = [f"bundle {b.bundle_id}: {len(y)} images ({int(y.sum())} referable) from {val_csv}; "
              f"threshold {threshold:.4f} locked at build ({b.operating_point.rule})"]
     lines += [f"  {k:<11} not checked: {msg}" for k, msg in skipped.items()]
@@ -87,10 +92,25 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
                      f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
     if ref_art is None:
         lines.append(f"  no {ref_id} artifact in this bundle: absolute metrics only, no relative gate")
+    if quality is not None:
+        lines.append(f"  image quality: {quality['n_ungradable']}/{len(y)} ungradable "
+                     f"({quality['ungradable_rate']:.1%})" + (f" - failed: {quality['failed_measures']}"
+                                                              if quality["failed_measures"] else ""))
+        for k, e in quality["gradable"].items():
+            pol = quality["ungradable_as_refer"][k]
+            lines.append(f"  {k:<11} gradable only: n {e['n']}, sensitivity {_f(e.get('sensitivity'))}, specificity "
+                         f"{_f(e.get('specificity'))}; ungradable = refer: sensitivity {_f(pol['sensitivity'])}, "
+                         f"specificity {_f(pol['specificity'])}")
+        if quality.get("note"):
+            lines.append(f"  note: {quality['note']}")
     lines.append(f"check: {'PASSED' if passed else 'FAILED'}")
     return {"bundle_id": b.bundle_id, "n": len(y), "threshold": threshold, "passed": passed,
             "evaluations": {k: e.to_dict() for k, e in evals.items()}, "gates": [g.to_dict() for g in gates],
             "reference": ref_id, "skipped": skipped,
             "problems": val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped],
-            "text": "\n".join(lines)}
+            "quality": quality, "text": "\n".join(lines)}
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 

@@ -21,7 +21,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare")
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -45,6 +45,10 @@ def _format_result(r: Any) -> str:
     name = Path(r.source).name
     if r.error:
         return f"{name:<28} ERROR     {r.error['code']}: {r.error['message']}"
+    if r.decision == "ungradable":
+        q = r.quality or {}
+        return (f"{name:<28} UNGRADABLE no referral decision: {'; '.join(q.get('reasons', []))}\n"
+                f"{'':<29}{q.get('hint') or ''}")
     t = r.timings_ms
     fov = "" if r.fov and r.fov.get("found") else "  (no field of view found: centre crop)"
     return (f"{name:<28} {r.decision.upper():<9} p(referable)={r.probability:.3f} (threshold {r.threshold:.3f})"
@@ -68,13 +72,14 @@ def cmd_screen(args: argparse.Namespace) -> int:
         results = list(screener.screen_many(sources))
     n_err = sum(1 for r in results if not r)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
-               "no_refer": sum(r.decision == "no-refer" for r in results), "errors": n_err}
+               "no_refer": sum(r.decision == "no-refer" for r in results),
+               "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err}
     payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
                "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary}
     lines = [f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})"]
     lines += [_format_result(r) for r in results]
     lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
-                 f"{n_err} could not be screened")
+                 f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened")
     _emit(args, payload, "\n".join(lines))
     return ImageError.exit_code if n_err else 0
 
@@ -84,6 +89,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     from .build import BuildConfig
     from .quantization.fallback import FallbackBudget
     from .quantization.gate import GateCriteria
+    from .runtime.quality import load_quality_spec
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
@@ -100,6 +106,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         debug_layers=not args.no_debug_layers,
         formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
         tflite_int8_io=args.tflite_int8_io,
+        quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
     )
 
 
@@ -241,6 +248,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     b.add_argument("--export-atol", type=float, default=1e-3)
     b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")
+    b.add_argument("--quality-spec", type=Path,
+                   help="image-quality spec JSON for the manifest (from 'quality calibrate --out'; default: built-in)")
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true")

@@ -36,6 +36,13 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
     broken.write_bytes(b"this is not a JPEG")
     synth_examples = sorted((out / "data" / "val").glob("*.jpg"))[:3]
     inputs = [*sample_files, *map(str, synth_examples), str(broken)]
+    if sample_files:  # an out-of-focus copy of a real photograph: the quality gate answers 'ungradable'
+        from PIL import Image, ImageFilter
+
+        with Image.open(sample_files[0]) as img:
+            blurred = img.convert("RGB").filter(ImageFilter.GaussianBlur(0.012 * min(img.size)))
+        blurred.save(out / "data" / "out-of-focus-copy.jpg", quality=92)
+        inputs.append(str(out / "data" / "out-of-focus-copy.jpg"))
     log(f"== screen: {len(inputs)} images with the runtime (no torch), default artifact")
     with load(out / "bundle") as screener:
         results = list(screener.screen_many(inputs))
@@ -63,5 +70,6 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
                 print("  " + _format_result(r))
         print("Note: the reference model was trained on synthetic pictures only. Its decisions on the real CC0 "
               "photographs (healthy, ungraded eyes) mean nothing clinically; they are screened to exercise decoding, "
-              "field-of-view detection and the runtime on real camera output.")
+              "field-of-view detection and the runtime on real camera output. The out-of-focus copy shows the "
+              "image-quality gate: no referral decision, the failing measures, and a retake hint.")
     return 0 if result.gate_passed else 8

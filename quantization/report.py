@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .quality_gate import render_quality_markdown
+
 
 def _f(v: Any, nd: int = 4) -> str:
     if v is None:
@@ -46,6 +48,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Gate criteria: ΔAUC ≥ {crit['min_delta_auc']}, Δsensitivity ≥ {crit['min_delta_sensitivity']}, "
               f"flips ≤ {crit['max_flip_rate']:.1%}. AUC CIs: percentile bootstrap, {crit['n_boot']} resamples, "
               f"seed {crit['seed']}.", ""]
+    lines += render_quality_markdown(report.get("quality"))
     if report.get("confusion"):
         lines += ["## Confusion at the operating point", "", "| artifact | TP | FN | FP | TN |",
                   "|---|---|---|---|---|"]

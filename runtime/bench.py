@@ -1,8 +1,11 @@
 """``fundus-edge bench``: what a screening costs on this machine, per stage and per artifact.
 
 Per artifact of a bundle: p50/p95 of every stage over warm runs (decode, field-of-view crop + resize +
-normalise, inference, post-processing), end-to-end p50, throughput, model file size, and — in a fresh child
-process — cold start (process start to first result) and peak RSS (VmHWM of the child, not the parent's).
+normalise, image-quality check, inference, post-processing), end-to-end p50, throughput, model file size, and —
+in a fresh child process — cold start (process start to first result) and peak RSS (VmHWM of the child, not the
+parent's). The quality check's share is measured side by side: each image is screened with the bundle's
+quality spec and with the check switched off, alternately, and the end-to-end p50s are compared on the
+gradable images (an ungradable image skips inference, which would flatter the check).
 Torch-free: it runs on the device with the runtime install.
 """
 
@@ -13,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import numpy as np
 from .backends import BackendSettings
 from .bundle import Bundle, load_bundle
 
-STAGES = ("decode", "preprocess", "infer", "postprocess")
+STAGES = ("decode", "preprocess", "quality", "infer", "postprocess")
 
 
 @dataclass
@@ -51,6 +54,8 @@ class BenchRow:
     cold_start_s: float | None = None
     peak_rss_mb: float | None = None
     notes: list[str] = field(default_factory=list)
+    # End-to-end p50 with and without the image-quality check (gradable images only) and the relative overhead.
+    quality_overhead: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,25 +81,64 @@ def bench_artifact(bundle: Bundle, artifact_id: str, images: list[str], settings
     art = bundle.artifact(artifact_id)
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     e2e: list[float] = []
+    with_q: list[float] = []
+    without_q: list[float] = []
+    cpu_with: list[float] = []
+    cpu_without: list[float] = []
+    n_ungradable = 0
     with load(bundle, artifact=artifact_id, settings=settings) as screener:
+        spec_on = screener.quality
+        spec_off = replace(spec_on, enabled=False)
         for img in images[:warmup]:
             screener.screen(img)
-        t_all = time.perf_counter()
         n = 0
-        for _ in range(repeats):
-            for img in images:
-                t0 = time.perf_counter()
-                r = screener.screen(img)
-                e2e.append((time.perf_counter() - t0) * 1e3)
+        for rep in range(repeats):
+            for i, img in enumerate(images):
+                # quality on and off alternate which goes first, so neither gets a systematic cache advantage
+                off_first = spec_on.enabled and (rep + i) % 2 == 1
+                off_run = _timed(screener, img, spec_off, spec_on) if off_first else None
+                r, t_on, c_on = _timed(screener, img, spec_on, spec_on)
+                e2e.append(t_on)
                 n += 1
                 if r.error:
                     raise RuntimeError(f"bench image {img} failed: {r.error}")
                 for s in STAGES:
                     stages[s].append(r.timings_ms.get(s, 0.0))
-        wall = time.perf_counter() - t_all
+                if not spec_on.enabled:
+                    continue
+                if r.decision == "ungradable":
+                    n_ungradable += 1
+                    continue
+                off_run = off_run or _timed(screener, img, spec_off, spec_on)
+                without_q.append(off_run[1])
+                cpu_without.append(off_run[2])
+                with_q.append(t_on)
+                cpu_with.append(c_on)
     size = bundle.path(art).stat().st_size / 1e6
-    return BenchRow(art.id, art.format, art.precision, size, len(images), repeats,
-                    {s: StageStats.of(v) for s, v in stages.items()}, StageStats.of(e2e), n / wall)
+    overhead = None
+    if with_q:
+        on, off = float(np.median(with_q)), float(np.median(without_q))
+        cpu_on, cpu_off = float(np.median(cpu_with)), float(np.median(cpu_without))
+        overhead = {"e2e_p50_with_ms": on, "e2e_p50_without_ms": off, "overhead": on / off - 1.0,
+                    "cpu_p50_with_ms": cpu_on, "cpu_p50_without_ms": cpu_off, "cpu_overhead": cpu_on / cpu_off - 1.0,
+                    "quality_p50_ms": float(np.median(stages["quality"])), "n_gradable_runs": len(with_q),
+                    "n_ungradable_runs": n_ungradable}
+    row = BenchRow(art.id, art.format, art.precision, size, len(images), repeats,
+                   {s: StageStats.of(v) for s, v in stages.items()}, StageStats.of(e2e), n / (sum(e2e) / 1e3),
+                   quality_overhead=overhead)
+    if n_ungradable:
+        row.notes.append(f"{n_ungradable} of {n} runs were ungradable (no inference): left out of the overhead")
+    return row
+
+
+def _timed(screener: Any, img: str, spec: Any, restore: Any) -> tuple[Any, float, float]:
+    """Screen ``img`` with the quality spec ``spec``: the result, wall and process CPU milliseconds."""
+    screener.quality = spec
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = screener.screen(img)
+    ms, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+    screener.quality = restore
+    return r, ms, cpu
 
 
 def cold_start(bundle_path: Path, artifact_id: str, image: str, threads: int) -> tuple[float, float | None]:
@@ -132,8 +176,8 @@ def run_bench(bundle_path: str | os.PathLike[str], images: list[str], settings: 
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    head = (f"{'artifact':<12} {'MB':>6} {'decode':>13} {'preprocess':>13} {'infer':>13} {'post':>6} "
-            f"{'e2e p50':>8} {'img/s':>7} {'cold s':>7} {'RSS MB':>7}")
+    head = (f"{'artifact':<12} {'MB':>6} {'decode':>13} {'preprocess':>13} {'quality':>13} {'infer':>13} "
+            f"{'post':>6} {'e2e p50':>8} {'img/s':>7} {'cold s':>7} {'RSS MB':>7}")
     lines = [head, "-" * len(head)]
     def pp(r: BenchRow, s: str) -> str:
         st = r.stages_ms[s]
@@ -143,8 +187,15 @@ def format_table(rows: list[BenchRow]) -> str:
         cold = f"{r.cold_start_s:7.3f}" if r.cold_start_s is not None else "      -"
         rss = f"{r.peak_rss_mb:7.1f}" if r.peak_rss_mb is not None else "      -"
         lines.append(f"{r.artifact:<12} {r.file_mb:6.2f} {pp(r, 'decode'):>13} {pp(r, 'preprocess'):>13} "
-                     f"{pp(r, 'infer'):>13} {r.stages_ms['postprocess'].p50:6.3f} {r.e2e_ms.p50:8.2f} "
-                     f"{r.throughput_ips:7.1f} {cold} {rss}")
+                     f"{pp(r, 'quality'):>13} {pp(r, 'infer'):>13} {r.stages_ms['postprocess'].p50:6.3f} "
+                     f"{r.e2e_ms.p50:8.2f} {r.throughput_ips:7.1f} {cold} {rss}")
     lines.append("stage columns: p50/p95 ms over warm runs; cold = fresh process to first result; RSS = that "
                  "process's peak (VmHWM)")
+    for r in rows:
+        q = r.quality_overhead
+        if q:
+            lines.append(f"{r.artifact}: image-quality check adds {q['overhead']:+.1%} to end-to-end screening "
+                         f"(p50 {q['e2e_p50_with_ms']:.2f} ms with, {q['e2e_p50_without_ms']:.2f} ms without; process "
+                         f"CPU time {q['cpu_overhead']:+.1%}; side by side over {q['n_gradable_runs']} gradable runs)")
+        lines += [f"{r.artifact}: {note}" for note in r.notes]
     return "\n".join(lines)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, BundleIntegrityError
+from ..errors import BundleError, BundleIntegrityError, UsageError
 from .preprocess import PreprocessSpec
+from .quality import QualitySpec
 
 SCHEMA = "fundus-edge/bundle"
 SCHEMA_VERSION = 1
@@ -79,6 +80,11 @@ class Bundle:
         self.artifacts = [Artifact.from_dict(a) for a in manifest["artifacts"]]
         if not self.artifacts:
             raise BundleError(f"{root}: the manifest lists no model artifacts")
+        # Optional (added with the quality gate): bundles without it get the default quality spec.
+        try:
+            self.quality = QualitySpec.from_dict(manifest.get("quality") or {})
+        except UsageError as exc:
+            raise BundleError(f"{root}: the manifest's quality spec is unusable: {exc}") from exc
 
     @property
     def bundle_id(self) -> str:

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,9 @@ class Preprocessed:
     original_size: tuple[int, int]
     decoded_size: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The same square crop at the quality check's own size (runtime/quality.py), when it was asked for: the
+    # quality thresholds must not depend on the network's input size. It is `image` itself when the sizes match.
+    quality_image: Image.Image | None = None
 
 
 def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
@@ -311,8 +314,12 @@ def relayout(tensors: np.ndarray, src: str, dst: str) -> np.ndarray:
     return np.ascontiguousarray(tensors.transpose(axes))
 
 
-def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None) -> Preprocessed:
-    """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images."""
+def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None,
+               quality_size: int | None = None) -> Preprocessed:
+    """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images.
+
+    ``quality_size``: also crop the decoded image to that size for the quality check (``quality_image``).
+    """
     t0 = time.perf_counter()
     img, original = decode(source, spec)
     t1 = time.perf_counter()
@@ -323,11 +330,17 @@ def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None
         pixels = ben_graham(crop, spec.ben_graham_sigma)
     tensor = normalize(pixels, spec, out=out)
     t2 = time.perf_counter()
+    timings = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+    quality_image: Image.Image | None = None
+    if quality_size is not None:
+        quality_image = crop if quality_size == spec.size else crop_resize(img, fov, replace(spec, size=quality_size))
+        timings["quality_crop"] = (time.perf_counter() - t2) * 1e3
     return Preprocessed(
         tensor=tensor,
         image=crop,
         fov=fov,
         original_size=original,
         decoded_size=img.size,
-        timings_ms={"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3},
+        timings_ms=timings,
+        quality_image=quality_image,
     )
