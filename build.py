@@ -66,6 +66,7 @@ class BuildConfig:
     allow_failed_gate: bool = False
     force: bool = False
     threads: int = 0
+    device: str | None = None  # a device profile: picks the default artifact, recorded in the manifest
 
 
 @dataclass
@@ -126,6 +127,10 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         raise UsageError("build needs --calib (a folder of fundus images) and --val (a labels CSV)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory; choose another --out")
+    if cfg.device:
+        from .devices.profile import get_profile
+
+        get_profile(cfg.device)  # an unknown device fails now, not after the build
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     n_steps = 6
@@ -301,6 +306,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             )
         report_files = write_reports(staging, report)
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
+        device_entry = None
+        if cfg.device:
+            from .devices.build_target import device_default
+
+            default, device_entry = device_default(cfg.device, artifacts, gates, default, say)
         digest = hashlib.sha256()
         for a in artifacts:
             digest.update(hashlib.sha256((staging / a["path"]).read_bytes()).digest())
@@ -329,6 +339,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "quantization": quant_summary,
             "export": {"onnx-fp32": exp.to_dict()},
             "producer": producer_versions(),
+            **({"device": device_entry} if device_entry else {}),
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
         }
         write_manifest(staging, manifest)

@@ -20,7 +20,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench")
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".devices.cli")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -54,8 +54,23 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .runtime import expand_inputs, load
 
     sources = expand_inputs(args.inputs)
-    screener = load(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
-                    settings=_settings(args))
+    bundle: Any = args.bundle
+    artifact, settings = args.artifact, None
+    if args.device:  # the device profile picks the artifact (unless given) and the backend settings
+        from .devices import resolve_device
+        from .devices.profile import choose_artifact, runnable_formats
+        from .runtime.bundle import load_bundle
+
+        profile = resolve_device(args.device)
+        bundle = load_bundle(args.bundle)
+        if not (artifact or args.format or args.precision):
+            artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
+        settings = profile.backend_settings(threads=args.threads)
+    if settings is None:
+        from .runtime.backends import BackendSettings
+
+        settings = BackendSettings(threads=1 if args.threads is None else args.threads)
+    screener = load(bundle, artifact=artifact, fmt=args.format, precision=args.precision, settings=settings)
     with screener:
         results = list(screener.screen_many(sources))
     n_err = sum(1 for r in results if not r)
@@ -89,7 +104,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         precisions=tuple(args.precisions.split(",")), calibrator=args.calibrator,
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
-        debug_layers=not args.no_debug_layers,
+        debug_layers=not args.no_debug_layers, device=args.device,
     )
 
 
@@ -194,7 +209,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
     s.add_argument("--format", choices=["onnx"], help="pick an artifact by format")
     s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
-    s.add_argument("--threads", type=int, default=1, help="inference threads (0: backend default)")
+    s.add_argument("--threads", type=int, help="inference threads (0: backend default; default 1, or the device's)")
+    s.add_argument("--device", help="device profile name, a profile .toml, or 'auto': picks the artifact and "
+                   "threads/providers (see 'fundus-edge devices')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_screen)
 
@@ -222,6 +239,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--export-atol", type=float, default=1e-3)
     b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--device", help="target device profile: its preferred artifact becomes the bundle default and "
+                   "its settings are recorded in the manifest (see 'fundus-edge devices')")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true")
     _add_gate_args(b)
