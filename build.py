@@ -265,7 +265,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             f"{ref_eval.specificity:.4f} ({time.perf_counter() - t:.1f}s)")
         for a in artifacts:
             g_match = next((g for g in gates if g.artifact == a["id"]), None)
-            a["gate"] = g_match.to_dict() if g_match else {"passed": parity.passed, "role": "reference",
+            a["gate"] = g_match.to_dict() if g_match is not None else {"passed": parity.passed, "role": "reference",
                                                            "auc": ref_eval.auc, "sensitivity": ref_eval.sensitivity,
                                                            "specificity": ref_eval.specificity}
         report: dict[str, Any] = {
