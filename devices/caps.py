@@ -7,7 +7,8 @@
   count), so a run that trips it is reported as such, not as a measured overflow;
 * threads: the profile's, passed to the backend.
 
-Peak RSS comes from the kernel (``wait4`` rusage of the child), so it is measured even when the child dies.
+Peak RSS is the kernel's VmHWM of the child (its own report at the end; the parent's samples every 20 ms when
+it dies first). ``ru_maxrss`` of a child is not used: it starts from the parent's size at fork.
 """
 
 from __future__ import annotations
@@ -122,18 +123,34 @@ class WorkerRun:
         return self.returncode == 0 and self.result is not None
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, bool]:
+def vm_hwm_kb(pid: int | str = "self") -> int | None:
+    """Peak resident set size (VmHWM) of a process since its exec, in kB."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, bool]:
+    """Wait for the child, sampling its VmHWM (the child's ru_maxrss is no use: it starts from the parent's
+    size at fork). Returns (exit code, highest VmHWM seen in kB, timed out)."""
     deadline = time.monotonic() + timeout
+    hwm = 0
     while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        hwm = max(hwm, vm_hwm_kb(proc.pid) or 0)
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, rusage, False
+            return proc.returncode, hwm, False
         if time.monotonic() > deadline:
             proc.kill()
-            _, status, rusage = os.wait4(proc.pid, 0)
+            _, status = os.waitpid(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, rusage, True
+            return proc.returncode, hwm, True
         time.sleep(0.02)
 
 
@@ -165,7 +182,7 @@ def run_worker(cmd_prefix: list[str], request: dict[str, Any], env: dict[str, st
             with open(out_dir / "stderr.txt", "wb") as err:
                 proc = subprocess.Popen([*cmd_prefix, "-m", "fundus_edge.devices.worker", str(req_path)],
                                         stdout=err, stderr=err, env=child_env)
-                code, rusage, timed_out = _wait(proc, timeout)
+                code, sampled_hwm_kb, timed_out = _wait(proc, timeout)
             wall = time.perf_counter() - t0
             cg_peak, failcnt = None, "0"
             if cg is not None:
@@ -195,7 +212,9 @@ def run_worker(cmd_prefix: list[str], request: dict[str, Any], env: dict[str, st
             killed = "memory-cap" if plan is not None and plan.memory_cap != "none" else ""
         if code != 0 and not error:
             error = "\n".join(stderr.strip().splitlines()[-12:])
-    return WorkerRun(code, wall, rusage.ru_maxrss / 1024, result, outputs, error, killed, cg_peak)
+    # The child's own VmHWM at its end is exact; the parent's samples stand in when it did not get that far.
+    peak_kb = max(int((result or {}).get("vm_hwm_kb") or 0), sampled_hwm_kb)
+    return WorkerRun(code, wall, peak_kb / 1024, result, outputs, error, killed, cg_peak)
 
 
 def native_prefix() -> list[str]:

@@ -3,7 +3,8 @@
 Under QEMU user mode a guest reading ``/proc/cpuinfo`` gets the file of the emulation root when one exists
 there. QEMU 7.2 otherwise passes the host's x86 file through, and onnxruntime's cpuinfo library segfaults on
 it at import; QEMU >= 8 emulates ``/proc/cpuinfo`` itself but still shows the host's ``/sys`` CPU topology.
-These files make the guest see the device's cores, MIDR and features either way.
+These files make the guest see the device's cores, MIDR and features either way, and its board name in
+``/proc/device-tree/model``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def cpu_files(profile: DeviceProfile) -> dict[str, str]:
     n = profile.cpu.cores
     span = f"0-{n - 1}" if n > 1 else "0"
     files = {"proc/cpuinfo": cpuinfo_text(profile)}
+    if profile.detect.device_tree_model:  # so that `doctor` inside the emulated root names the board
+        files["proc/device-tree/model"] = f"{profile.detect.device_tree_model[0]} (emulated)\x00"
     base = "sys/devices/system/cpu"
     for name in ("possible", "present", "online"):
         files[f"{base}/{name}"] = span + "\n"

@@ -242,21 +242,28 @@ def run_emulate(cfg: EmulateConfig, log: Log | None = None) -> EmulateReport:
         from .emuroot import open_root
 
         root = open_root(cfg.cache)
+        emu_artifacts = artifacts
+        if cfg.stack == "tflite-runtime":  # that wheel set has no onnxruntime (and numpy < 2)
+            emu_artifacts = [a for a in artifacts if bundle.artifact(a).format == "tflite"]
+            if not emu_artifacts:
+                raise UsageError("--litert-package tflite-runtime runs tflite artifacts only; this selection has none")
+            notes += [f"{a}: not run under emulation (the tflite-runtime wheel set has no onnxruntime)"
+                      for a in artifacts if a not in emu_artifacts]
         emu_threads = min(plan.threads, len(plan.cores)) if plan.threads > 0 else len(plan.cores)
         cmd, env = root.python_command(p, [], stack=cfg.stack)
         report.emulation = {"qemu": root.qemu.version_str, "cpu": p.cpu.qemu_cpu, "stack": cfg.stack,
                             "threads": emu_threads, "root": str(root.base)}
-        say(f"arm64 run under QEMU {root.qemu.version_str} -cpu {p.cpu.qemu_cpu}: {len(artifacts)} artifact(s) x "
-            f"{len(cfg.images)} images (emulated: slow, and its speed says nothing about the device)")
-        emu = run_worker(cmd, {**request, "artifacts": artifacts, "threads": emu_threads}, env=env,
-                         timeout=cfg.timeout or 300 + 30 * n * len(artifacts))
+        say(f"arm64 run under QEMU {root.qemu.version_str} -cpu {p.cpu.qemu_cpu}: {len(emu_artifacts)} artifact(s) "
+            f"x {n} images (emulated: slow, and its speed says nothing about the device)")
+        emu = run_worker(cmd, {**request, "artifacts": emu_artifacts, "threads": emu_threads}, env=env,
+                         timeout=cfg.timeout or 300 + 30 * n * len(emu_artifacts))
         report.emulated = emu
         if not emu.ok:
             raise EmulationError(f"the emulated arm64 run failed ({emu.killed_by or f'exit {emu.returncode}'}): "
                                  f"{emu.error}")
         if (emu.result or {}).get("machine") != "aarch64":
             raise EmulationError(f"the emulated run reports machine {(emu.result or {}).get('machine')!r}")
-        for aid in artifacts:
+        for aid in emu_artifacts:
             nat = report.native[aid]
             if not nat.ok:
                 notes.append(f"{aid}: no parity (the capped native run did not finish)")

@@ -17,7 +17,6 @@ Python and screening with the installed runtime.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -95,7 +94,12 @@ def _own_wheel(dest: Path, log: Log) -> Path:
         except ImportError:
             isolation = []
         with tempfile.TemporaryDirectory() as tmp:
-            _pip(["wheel", "--quiet", "--no-deps", *isolation, "--wheel-dir", tmp, str(PACKAGE_ROOT)],
+            # Build from a clean copy: an in-tree build leaves build/ behind and can pack stale files from it.
+            src = Path(tmp) / "src"
+            shutil.copytree(PACKAGE_ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+                ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "demo-out", "out",
+                "tests"))
+            _pip(["wheel", "--quiet", "--no-deps", *isolation, "--wheel-dir", tmp, str(src)],
                  "building the fundus-edge wheel")
             built = sorted(Path(tmp).glob("fundus_edge-*.whl"))
             if not built:
@@ -308,7 +312,3 @@ def install_emulated(package: Path, profile: DeviceProfile, images: list[str], p
     if r.returncode not in (0, 10):
         raise EmulationError(f"screening with the installed package exited {r.returncode}: {r.stderr[-2000:]}")
     return EmulatedInstall(prefix, install_s, doc, screen_s)
-
-
-def package_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -109,7 +109,9 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                                     "providers": backend.providers, "load_ms": backend.timings.load_ms,
                                     "results": per_image}
     np.savez(out_dir / "outputs.npz", **outputs)
-    result["peak_rss_kb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from .caps import vm_hwm_kb
+
+    result["vm_hwm_kb"] = vm_hwm_kb()
     result["wall_s"] = time.perf_counter() - t_start
     return result
 
