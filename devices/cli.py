@@ -62,7 +62,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     rep = run_doctor(args.device, Path(args.root), in_process=args.in_process)
     _emit(args, rep.to_dict(), rep.text())
-    return 0 if rep.ok else 1
+    return rep.exit_code
 
 
 # --------------------------------------------------------------------------------------------- emulate

@@ -127,9 +127,18 @@ class DoctorReport:
     advice: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    missing_packages: bool = False
+
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def exit_code(self) -> int:
+        """0 ok; 3 packages are missing (the advice says which); 11 the device cannot run the runtime."""
+        if self.ok:
+            return 0
+        return 3 if self.missing_packages and self.profile.supported else 11
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile.name, "forced": self.forced, "detection": self.detection.to_dict(),
@@ -190,12 +199,14 @@ def run_doctor(device: str | None = None, root: Path = Path("/"), in_process: bo
         rep.problems.append(f"{profile.name} is not supported: {profile.unsupported}")
     for core in ("numpy", "pillow"):
         if not by[core].ok:
+            rep.missing_packages = True
             rep.problems.append(f"{core} does not import ({by[core].error})")
     formats_here = runnable_formats()
     system["runtime_formats"] = sorted(formats_here)
     usable = [pref for pref in profile.runtime.artifacts
               if pref.format in formats_here and any(by[c].ok for c in FORMAT_CHECKS[pref.format])]
     if not usable:
+        rep.missing_packages = True
         rep.problems.append(f"no backend for any of {profile.name}'s artifact formats imports "
                             f"({', '.join(map(str, profile.runtime.artifacts))})")
         rep.advice.append(f"install: {profile.install.pip}")

@@ -154,6 +154,7 @@ class EmulateReport:
                     lines.append(f"    {par.artifact}: different images failed on the two machines")
         lines.append(f"\nmemory (peak RSS measured in the x86_64 capped run) vs {p.name}:")
         lines += ["  " + f.row() for f in self.fits]
+        lines.append("  (x86_64 libraries and allocator, not the device's: expect a few MB either way)")
         lines += [f"note: {n}" for n in self.notes]
         verdict = [f"fit {'PASS' if self.fits_ok else 'FAIL'}"]
         if self.parities:

@@ -39,13 +39,15 @@ if [ "$codename" = bookworm ]; then
     backports=bookworm-backports
 fi
 echo "fundus-edge: installing qemu-user and debootstrap (apt-get)" >&2
-apt-get update -qq || fail "apt-get update failed (no network to the Debian mirror?)."
+# A third-party source that cannot be reached makes `apt-get update` fail as a whole; the install below says
+# whether the Debian archive itself was usable.
+apt-get update -qq || echo "fundus-edge: apt-get update reported errors; trying to install anyway" >&2
 if [ -n "$backports" ] && apt-get install -y -qq --no-install-recommends -t "$backports" qemu-user >/dev/null; then
     :
 elif apt-get install -y -qq --no-install-recommends qemu-user-static >/dev/null; then
     :
 else
-    fail "apt-get could not install qemu-user / qemu-user-static."
+    fail "apt-get could not install qemu-user / qemu-user-static (no network to the Debian mirror?)."
 fi
 apt-get install -y -qq --no-install-recommends debootstrap >/dev/null || fail "apt-get could not install debootstrap."
 have_tools || fail "installed packages, but qemu-aarch64 / debootstrap are still not on PATH."

@@ -20,11 +20,48 @@ INT8_LSBS = 1.0
 
 
 def output_lsb(fmt: str, path: Path) -> float | None:
-    """One output quantization step of an artifact file, when the format says it (ONNX QDQ today)."""
+    """One output quantization step of an artifact file (None: not a quantized output, or unknown)."""
     if fmt == "onnx":
         from .onnx_lsb import output_lsb as onnx_output_lsb
 
         return onnx_output_lsb(path)
+    if fmt == "tflite":
+        return tflite_output_lsb(path)
+    return None
+
+
+def tflite_output_lsb(path: Path) -> float | None:
+    """The scale of a .tflite model's output: the output tensor's own when it is int8/uint8, else that of the
+    quantized tensor its final DEQUANTIZE (through reshapes) reads. Needs a LiteRT interpreter on the host."""
+    interpreter: Any = None
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            interpreter = __import__(module, fromlist=["Interpreter"]).Interpreter
+            break
+        except ImportError:
+            continue
+    if interpreter is None:
+        return None
+    it = interpreter(model_path=str(path))
+    out = it.get_output_details()[0]
+    if np.dtype(out["dtype"]).kind in "iu":
+        return float(out["quantization"][0]) or None
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    try:
+        ops = it._get_ops_details()  # not public API: without it the LSB is unknown (stricter tolerance)
+    except AttributeError:
+        return None
+    index = int(out["index"])
+    for _ in range(16):
+        op = next((o for o in ops if index in [int(i) for i in o["outputs"]]), None)
+        if op is None or not len(op["inputs"]):
+            return None
+        if op["op_name"] == "DEQUANTIZE":
+            scale = tensors.get(int(op["inputs"][0]), {}).get("quantization", (0.0, 0))[0]
+            return float(scale) or None
+        if op["op_name"] not in ("RESHAPE", "SQUEEZE"):
+            return None
+        index = int(op["inputs"][0])
     return None
 
 

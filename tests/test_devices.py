@@ -184,7 +184,7 @@ def test_doctor_for_a_device_and_a_captured_root(tmp_path: Path, capsys: pytest.
     doc = json.loads(capsys.readouterr().out)
     assert doc["detection"]["profile"] == "rpi5" and doc["profile"] == "rpi5"
     # the Jetson Nano cannot run the runtime: doctor says so and exits non-zero
-    assert main(["doctor", "--device", "jetson-nano"]) == 1
+    assert main(["doctor", "--device", "jetson-nano"]) == 11
     out = capsys.readouterr().out
     assert "not supported" in out and "TensorrtExecutionProvider" in out
 
@@ -305,3 +305,19 @@ def test_setup_tool_script_is_shipped_and_strict() -> None:
     assert "exit 1" in script and "qemu" in script and "debootstrap" in script
     r = subprocess.run(["sh", "-n", str(DEVICES_DIR / "install-emulation-tools.sh")], capture_output=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_doctor_names_what_to_install_when_no_backend_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fundus_edge.devices import doctor
+
+    def fake_checks(in_process: bool = False) -> list[doctor.Check]:
+        return [doctor.Check("numpy", True, "2.0"), doctor.Check("pillow", True, "11.0"),
+                doctor.Check("onnxruntime", False, error="ModuleNotFoundError: No module named 'onnxruntime'"),
+                doctor.Check("litert", False, error="ModuleNotFoundError"),
+                doctor.Check("tflite-runtime", False, error="ModuleNotFoundError")]
+
+    monkeypatch.setattr(doctor, "check_imports", fake_checks)
+    rep = doctor.run_doctor("rpi4")
+    assert rep.exit_code == 3 and not rep.ok
+    assert any(get_profile("rpi4").install.pip in a for a in rep.advice)
+    assert "NOT importable" in rep.text()
