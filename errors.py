@@ -77,6 +77,13 @@ class GateFailedError(FundusEdgeError):
     code = "gate-failed"
 
 
+class ParityError(FundusEdgeError):
+    """Two runners of the same model disagree beyond tolerance (``compare``; x86 vs an emulated device)."""
+
+    exit_code = 11
+    code = "parity"
+
+
 class DataError(FundusEdgeError):
     """A labels file or image folder cannot be used at all (individual bad rows are reported, not raised)."""
 
@@ -118,9 +125,9 @@ class MissingToolError(FundusEdgeError):
 
 
 class DeviceError(FundusEdgeError):
-    """A device profile is unknown or invalid, or a device cannot run what was asked."""
+    """A device profile is invalid, or a device cannot run what was asked."""
 
-    exit_code = 11
+    exit_code = 12
     code = "device"
 
 
@@ -128,13 +135,6 @@ class DeviceFitError(DeviceError):
     """A bundle does not fit the device's memory (measured peak RSS above the budget, or killed by the cap)."""
 
     code = "device-fit"
-
-
-class ParityError(DeviceError):
-    """The emulated device's outputs disagree with the host's beyond tolerance."""
-
-    exit_code = 12
-    code = "parity"
 
 
 class EmulationError(DeviceError):

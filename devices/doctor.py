@@ -135,10 +135,10 @@ class DoctorReport:
 
     @property
     def exit_code(self) -> int:
-        """0 ok; 3 packages are missing (the advice says which); 11 the device cannot run the runtime."""
+        """0 ok; 3 packages are missing (the advice says which); 12 the device cannot run the runtime."""
         if self.ok:
             return 0
-        return 3 if self.missing_packages and self.profile.supported else 11
+        return 3 if self.missing_packages and self.profile.supported else 12
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile.name, "forced": self.forced, "detection": self.detection.to_dict(),

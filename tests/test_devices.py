@@ -184,7 +184,7 @@ def test_doctor_for_a_device_and_a_captured_root(tmp_path: Path, capsys: pytest.
     doc = json.loads(capsys.readouterr().out)
     assert doc["detection"]["profile"] == "rpi5" and doc["profile"] == "rpi5"
     # the Jetson Nano cannot run the runtime: doctor says so and exits non-zero
-    assert main(["doctor", "--device", "jetson-nano"]) == 11
+    assert main(["doctor", "--device", "jetson-nano"]) == 12
     out = capsys.readouterr().out
     assert "not supported" in out and "TensorrtExecutionProvider" in out
 
@@ -260,11 +260,11 @@ def test_capped_run_reports_peak_rss_against_the_pi_zero(built: Any, real_photos
     assert len(doc["caps"]["cores"]) <= 4 and doc["caps"]["threads"] == 4
     native = doc["native"]["onnx-int8"]
     assert [r["ok"] for r in native["results"]] == [True, True]
-    # the same bundle on a board with less RAM than it needs: exit 11 and a reason
+    # the same bundle on a board with less RAM than it needs: exit 12 and a reason
     code = main(["emulate", "--device", "rpi-zero-2w", "--ram-mb", "200", "--arch", "native", "--bundle",
                  str(built.out), "--precision", "int8", imgs[0]])
     captured = capsys.readouterr()
-    assert code == 11
+    assert code == 12
     assert "does NOT fit" in captured.out and "does not fit rpi-zero-2w" in captured.err
 
 

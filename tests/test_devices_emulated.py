@@ -103,7 +103,7 @@ def test_a_parity_failure_exits_non_zero(pi4_report: Any, pi4_images: list[str],
     monkeypatch.setattr(emulate_mod, "run_emulate", lambda cfg, log=None: dataclasses.replace(rep, parities=[bad]))
     code = main(["emulate", "--device", "rpi4", "--bundle", str(built.out), "--precision", "int8", *pi4_images])
     captured = capsys.readouterr()
-    assert code == 12
+    assert code == 11
     assert "FAIL" in captured.out and "parity failed for onnx-int8" in captured.err
 
 
