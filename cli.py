@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
 checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
-be screened (the others were); 11 runners disagree beyond tolerance (x86 vs an emulated device); 12 device (does
-not fit, unsupported, invalid profile); 13 emulation could not run. ``--json`` prints one JSON document on stdout; progress goes to stderr.
+be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated device);
+12 device (does not fit, unsupported, invalid profile); 13 emulation could not run. ``--json`` prints one JSON
+document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
