@@ -77,6 +77,7 @@ class BuildConfig:
     force: bool = False
     threads: int = 0
     quality: QualitySpec | None = None  # the bundle's image-quality spec (None: the built-in defaults)
+    device: str | None = None  # a device profile: picks the default artifact, recorded in the manifest
 
 
 @dataclass
@@ -200,6 +201,10 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         raise UsageError("build needs --calib (a folder of fundus images) and --val (a labels CSV)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory; choose another --out")
+    if cfg.device:
+        from .devices.profile import get_profile
+
+        get_profile(cfg.device)  # an unknown device fails now, not after the build
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     n_tflite = ("tflite" in cfg.formats) * (1 + ("int8" in cfg.precisions))
@@ -363,8 +368,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             f"{ref_eval.specificity:.4f} ({time.perf_counter() - t:.1f}s)")
         for a in artifacts:
             g_match = next((g for g in gates if g.artifact == a["id"]), None)
-            a["gate"] = g_match.to_dict() if g_match else {"passed": export_info[ref_id]["passed"],
-                                                           "role": "reference",
+            a["gate"] = g_match.to_dict() if g_match is not None else {"passed": export_info[ref_id]["passed"],
+                                                                       "role": "reference",
                                                            "auc": ref_eval.auc, "sensitivity": ref_eval.sensitivity,
                                                            "specificity": ref_eval.specificity}
         report: dict[str, Any] = {
@@ -408,6 +413,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             )
         report_files = write_reports(staging, report)
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
+        device_entry = None
+        if cfg.device:
+            from .devices.build_target import device_default
+
+            default, device_entry = device_default(cfg.device, artifacts, gates, default, say)
         digest = hashlib.sha256()
         for a in artifacts:
             a["sha256"] = sha256_file(staging / a["path"])
@@ -439,6 +449,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "quantization": quant_summary,
             "export": export_info,
             "producer": producer_versions(),
+            **({"device": device_entry} if device_entry else {}),
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
         }
         write_manifest(staging, manifest)

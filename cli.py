@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
 checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
-be screened (the others were); 11 runners disagree beyond tolerance (``compare``). ``--json`` prints one JSON
+be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated device);
+12 device (does not fit, unsupported, invalid profile); 13 emulation could not run. ``--json`` prints one JSON
 document on stdout; progress goes to stderr.
 """
 
@@ -21,7 +22,7 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality")
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality", ".devices.cli")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -66,8 +67,23 @@ def cmd_screen(args: argparse.Namespace) -> int:
                              f"not --format {fmt}")
         fmt = FORMATS_BY_BACKEND[args.backend]
     sources = expand_inputs(args.inputs)
-    screener = load(args.bundle, artifact=args.artifact, fmt=fmt, precision=args.precision,
-                    settings=_settings(args))
+    bundle: Any = args.bundle
+    artifact, settings = args.artifact, None
+    if args.device:  # the device profile picks the artifact (unless given) and the backend settings
+        from .devices import resolve_device
+        from .devices.profile import choose_artifact, runnable_formats
+        from .runtime.bundle import load_bundle
+
+        profile = resolve_device(args.device)
+        bundle = load_bundle(args.bundle)
+        if not (artifact or fmt or args.precision):
+            artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
+        settings = profile.backend_settings(threads=args.threads)
+    if settings is None:
+        from .runtime.backends import BackendSettings
+
+        settings = BackendSettings(threads=1 if args.threads is None else args.threads)
+    screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings)
     with screener:
         results = list(screener.screen_many(sources))
     n_err = sum(1 for r in results if not r)
@@ -103,7 +119,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         precisions=tuple(args.precisions.split(",")), calibrator=args.calibrator,
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
-        debug_layers=not args.no_debug_layers,
+        debug_layers=not args.no_debug_layers, device=args.device,
         formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
         tflite_int8_io=args.tflite_int8_io,
         quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
@@ -214,7 +230,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["onnxruntime", "litert"],
                    help="pick an artifact by the backend that runs it (onnxruntime: onnx, litert: tflite)")
     s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
-    s.add_argument("--threads", type=int, default=1, help="inference threads (0: backend default)")
+    s.add_argument("--threads", type=int, help="inference threads (0: backend default; default 1, or the device's)")
+    s.add_argument("--device", help="device profile name, a profile .toml, or 'auto': picks the artifact and "
+                   "threads/providers (see 'fundus-edge devices')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_screen)
 
@@ -251,6 +269,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--quality-spec", type=Path,
                    help="image-quality spec JSON for the manifest (from 'quality calibrate --out'; default: built-in)")
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--device", help="target device profile: its preferred artifact becomes the bundle default and "
+                   "its settings are recorded in the manifest (see 'fundus-edge devices')")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true")
     _add_gate_args(b)

@@ -92,7 +92,7 @@ class GateFailedError(FundusEdgeError):
 
 
 class ParityError(FundusEdgeError):
-    """Two runners of the same model disagree beyond tolerance (``compare``)."""
+    """Two runners of the same model disagree beyond tolerance (``compare``; x86 vs an emulated device)."""
 
     exit_code = 11
     code = "parity"
@@ -129,3 +129,30 @@ IMAGE_ERROR_CODES = {
     "too-small": "the image is too small to screen",
     "unsupported-mode": "the image's pixel format cannot be converted to RGB",
 }
+
+
+class MissingToolError(FundusEdgeError):
+    """A host tool (not a Python package) is missing; the message says how to install it."""
+
+    exit_code = 3
+    code = "missing-tool"
+
+
+class DeviceError(FundusEdgeError):
+    """A device profile is invalid, or a device cannot run what was asked."""
+
+    exit_code = 12
+    code = "device"
+
+
+class DeviceFitError(DeviceError):
+    """A bundle does not fit the device's memory (measured peak RSS above the budget, or killed by the cap)."""
+
+    code = "device-fit"
+
+
+class EmulationError(DeviceError):
+    """The emulation root cannot be built or the emulated run failed."""
+
+    exit_code = 13
+    code = "emulation"

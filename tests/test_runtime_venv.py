@@ -61,10 +61,15 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
     assert r.returncode == 0, r.stderr
     assert "check: PASSED" in r.stdout
     py = runtime_venv / "bin" / "python"
-    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli, fundus_edge.quality_calibration;"
+    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli, fundus_edge.quality_calibration,"
+            " fundus_edge.devices.cli, fundus_edge.devices.emulate, fundus_edge.devices.package,"
+            " fundus_edge.devices.doctor, fundus_edge.devices.worker, fundus_edge.devices.emuroot;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0
+    r3 = _run(runtime_venv, "doctor", "--device", "rpi4", "--json")  # profiles ship in the wheel; no torch needed
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert json.loads(r3.stdout)["profile"] == "rpi4"
     r2 = _run(runtime_venv, "build", "--model", "reference:dr-resnet18s", "--calib", "x", "--val", "y.csv",
               "--out", "z")
     assert r2.returncode == 3, r2.stderr
