@@ -78,6 +78,9 @@ class BuildConfig:
     threads: int = 0
     quality: QualitySpec | None = None  # the bundle's image-quality spec (None: the built-in defaults)
     device: str | None = None  # a device profile: picks the default artifact, recorded in the manifest
+    # Sign manifest.json with this Ed25519 private key (runtime/signing.py); the passphrase is never printed.
+    sign_key: Path | None = None
+    sign_key_passphrase: bytes | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class BuildResult:
     report: dict[str, Any]
     gate_passed: bool
     report_dir: Path
+    signed_by: str | None = None  # key id of the signature in manifest.sig
 
 
 def _stage(log: Log, i: int, n: int, text: str) -> float:
@@ -207,6 +211,15 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         get_profile(cfg.device)  # an unknown device fails now, not after the build
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    signer = None
+    if cfg.sign_key is not None:  # load (and check) the key first: a bad key must not cost a whole build
+        if cfg.allow_failed_gate:
+            raise UsageError("--sign-key cannot be combined with --allow-failed-gate: a signature is the "
+                             "publisher's approval to run the bundle, and a bundle that fails the gate is not "
+                             "approved")
+        from .runtime.signing import load_signing_key
+
+        signer = load_signing_key(cfg.sign_key, cfg.sign_key_passphrase)
     n_tflite = ("tflite" in cfg.formats) * (1 + ("int8" in cfg.precisions))
     n_steps = 6 + n_tflite
     t = _stage(say, 1, n_steps, f"loading model {cfg.model}")
@@ -453,6 +466,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
         }
         write_manifest(staging, manifest)
+        if signer is not None:
+            from .runtime.signing import sign_bundle
+
+            sign_bundle(staging, signer)
+            say(f"      signed manifest.json with key {signer.key_id} -> manifest.sig")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -460,6 +478,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         from .runtime.bundle import load_bundle
 
         written = load_bundle(out).manifest
-        return BuildResult(out, written, report, gate_passed, out)
+        signed_by = None
+        if signer is not None:
+            from .runtime.signing import check_signature
+
+            signed_by = check_signature(out, {signer.key_id: signer.public_key()}, require=True).key_id
+        return BuildResult(out, written, report, gate_passed, out, signed_by=signed_by)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

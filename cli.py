@@ -1,10 +1,10 @@
 """The ``fundus-edge`` command line.
 
-Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema or
-checksum); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images could not
-be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated device);
-12 device (does not fit, unsupported, invalid profile); 13 emulation could not run. ``--json`` prints one JSON
-document on stdout; progress goes to stderr.
+Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema,
+checksum or signature); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images
+could not be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated
+device); 12 device (does not fit, unsupported, invalid profile); 13 emulation could not run; 14 the result store
+is unusable. ``--json`` prints one JSON document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality", ".devices.cli")
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality", ".devices.cli",
+                                   ".cli_field")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -57,9 +58,14 @@ def _format_result(r: Any) -> str:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
+    from .cli_field import screen_field, wants_field
     from .runtime import expand_inputs, load
     from .runtime.backends import FORMATS_BY_BACKEND
 
+    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
+        return screen_field(args)
+    if not args.inputs:
+        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
     fmt = args.format
     if args.backend:
         if fmt and FORMATS_BY_BACKEND[args.backend] != fmt:
@@ -103,6 +109,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- build
 def _build_config(args: argparse.Namespace) -> Any:
     from .build import BuildConfig
+    from .cli_field import passphrase_from_env
     from .quantization.fallback import FallbackBudget
     from .quantization.gate import GateCriteria
     from .runtime.quality import load_quality_spec
@@ -123,6 +130,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
         tflite_int8_io=args.tflite_int8_io,
         quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
+        sign_key=getattr(args, "sign_key", None),
+        sign_key_passphrase=passphrase_from_env(getattr(args, "sign_key_passphrase_env", None)),
     )
 
 
@@ -146,7 +155,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     result = run_build(_build_config(args))
     payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
-               "gate_passed": result.gate_passed, "reference": result.report["reference"],
+               "gate_passed": result.gate_passed, "signed_by": result.signed_by,
+               "reference": result.report["reference"],
                "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
     _emit(args, payload, _build_summary(result))
     return 0
@@ -224,7 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("screen", help="screen images with a bundle (torch-free)")
     s.add_argument("--bundle", required=True, type=Path)
-    s.add_argument("inputs", nargs="+", help="image files or directories")
+    s.add_argument("inputs", nargs="*", help="image files or directories")
     s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
     s.add_argument("--format", choices=["onnx", "tflite"], help="pick an artifact by format")
     s.add_argument("--backend", choices=["onnxruntime", "litert"],

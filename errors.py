@@ -63,6 +63,16 @@ class BundleIntegrityError(BundleError):
     code = "bundle-integrity"
 
 
+class BundleSignatureError(BundleError):
+    """A bundle's signature is missing, unknown, invalid, or not allowed by the device's trust policy."""
+
+    code = "bundle-signature"
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason  # stable: unsigned | untrusted-key | bad-signature | malformed-signature | mismatch
+        super().__init__(message)
+
+
 class ModelLoadError(FundusEdgeError):
     """A model file or checkpoint could not be loaded into the named architecture."""
 
@@ -105,6 +115,13 @@ class DataError(FundusEdgeError):
     code = "data"
 
 
+class StoreError(FundusEdgeError):
+    """The result store cannot be opened or written (disk full, read-only, damaged, newer schema)."""
+
+    exit_code = 14
+    code = "store"
+
+
 class ImageError(FundusEdgeError):
     """One image cannot be screened. Raised per image; a batch records it and continues.
 
@@ -128,6 +145,7 @@ IMAGE_ERROR_CODES = {
     "too-large": "the image exceeds the pixel limit (decompression-bomb guard)",
     "too-small": "the image is too small to screen",
     "unsupported-mode": "the image's pixel format cannot be converted to RGB",
+    "internal-error": "an unexpected error while screening this image; the batch went on (please report it)",
 }
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,27 +121,50 @@ class Preprocessed:
     quality_image: Image.Image | None = None
 
 
+# What Pillow raises on corrupt input besides OSError: Image.open itself treats these as "not this format"
+# while probing, and decoders raise them on damaged streams. MemoryError: an image the device cannot hold.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, struct.error,
+                  ZeroDivisionError, Image.DecompressionBombError)
+
+
+@contextmanager
+def _pillow_guard() -> Iterator[None]:
+    """Pillow's warnings about damaged metadata ("Corrupt EXIF data", "Truncated File Read", TIFF tag notes)
+    are ignored, so a damaged file behaves the same whatever the warning filters of the host program (pytest
+    turns warnings into errors); a decompression-bomb warning is an error, never a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to an RGB image, EXIF-oriented, using JPEG draft mode when it loses nothing we need.
 
-    Returns the image and the original (undrafted, un-rotated) size. Raises :class:`ImageError`.
+    Returns the image and the original (undrafted, un-rotated) size. Raises :class:`ImageError`, and only
+    that, for any content of ``source``.
     """
-    if isinstance(source, Image.Image):
-        opened = source
-        original = opened.size
-    else:
-        opened, original = _open(source, spec)
-    try:
-        img = ImageOps.exif_transpose(opened) or opened
-        img = _to_rgb(img)
-        img.load()
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError("decode-failed", f"cannot decode image: {exc}") from exc
-    finally:
-        if opened is not source:
-            opened.close()  # decoded pixels live on in `img`; release the file handle either way
+    with _pillow_guard():
+        if isinstance(source, Image.Image):
+            opened = source
+            original = opened.size
+        else:
+            opened, original = _open(source, spec)
+        try:
+            img = ImageOps.exif_transpose(opened) or opened
+            img = _to_rgb(img)
+            img.load()
+        except ImageError:
+            raise
+        except Image.DecompressionBombWarning as exc:
+            raise ImageError("too-large", f"image refused as a possible decompression bomb: {exc}") from exc
+        except MemoryError as exc:
+            raise ImageError("too-large", "not enough memory to decode this image") from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageError("decode-failed", f"cannot decode image: {exc}") from exc
+        finally:
+            if opened is not source:
+                opened.close()  # decoded pixels live on in `img`; release the file handle either way
     if min(img.size) < spec.min_side:
         raise ImageError("too-small", f"image is {img.size[0]}x{img.size[1]}, smaller than {spec.min_side} px")
     return img, original
@@ -165,14 +191,24 @@ def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple
         raise ImageError("too-large", f"image refused as a possible decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError("not-an-image", "not a readable image file (JPEG, PNG, TIFF, BMP, WebP)") from exc
-    except OSError as exc:
+    except MemoryError as exc:
+        raise ImageError("too-large", "not enough memory to open this image") from exc
+    except _DECODE_ERRORS as exc:
         raise ImageError("decode-failed", f"cannot open image: {exc}") from exc
-    w, h = img.size
-    if w * h > spec.max_pixels:
-        raise ImageError("too-large", f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over {spec.max_pixels / 1e6:.0f} MP")
-    if spec.draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
-        need = math.ceil(spec.size / spec.fov_min_fraction)
-        img.draft(img.mode, (need, need))
+    try:
+        w, h = img.size
+        if w * h > spec.max_pixels:
+            raise ImageError("too-large",
+                             f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over {spec.max_pixels / 1e6:.0f} MP")
+        if spec.draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            need = math.ceil(spec.size / spec.fov_min_fraction)
+            img.draft(img.mode, (need, need))
+    except ImageError:
+        img.close()
+        raise
+    except _DECODE_ERRORS as exc:
+        img.close()
+        raise ImageError("decode-failed", f"cannot open image: {exc}") from exc
     return img, (w, h)
 
 
@@ -180,7 +216,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0.0, None)  # "I" is signed 32-bit
         top = max(float(arr.max()), 1.0)
         gray = Image.fromarray((arr * (255.0 / top)).astype(np.uint8), "L")
         return gray.convert("RGB")

@@ -1,0 +1,202 @@
+"""A field session: a verified bundle, an optional result store and audit log, and a per-file screening step
+that never raises for a bad image and never screens the same image twice under the same bundle.
+
+One file: read its bytes once (the sha256 and the screening see the same bytes, so a file still being
+written cannot be recorded under the wrong hash), look the hash up in the store, screen only when it is new,
+record the result durably, audit errors by code and hash (never by path or patient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import FundusEdgeError, ImageError
+from .audit import AuditLog
+from .backends import BackendSettings
+from .bundle import Bundle
+from .screen import Screener, ScreeningResult, load
+from .signing import SignatureStatus, TrustPolicy, verify_bundle
+from .store import ResultStore, StoredScreening, normalize_eye, validate_patient_id
+
+MAX_FILE_BYTES = 256 * 1024 * 1024
+"""Files larger than this are refused (``too-large``) without being read into memory."""
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Optional patient fields stored with a screening. Validated; never logged."""
+
+    patient_id: str | None = None
+    eye: str | None = None
+
+    @classmethod
+    def of(cls, patient_id: str | None, eye: str | None) -> Patient:
+        return cls(validate_patient_id(patient_id), normalize_eye(eye))
+
+    def __repr__(self) -> str:  # keep patient fields out of tracebacks and debug output
+        return f"Patient(patient_id={'<set>' if self.patient_id else None}, eye={'<set>' if self.eye else None})"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FieldSession:
+    """Screen files into a store. Create with :func:`open_session`."""
+
+    def __init__(self, screener: Screener, status: SignatureStatus, store: ResultStore | None = None,
+                 audit: AuditLog | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+        self.screener = screener
+        self.status = status
+        self.store = store
+        self.audit = audit
+        self.max_file_bytes = max_file_bytes
+        self.session_id = uuid.uuid4().hex[:16]
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def bundle_id(self) -> str:
+        return self.screener.bundle.bundle_id
+
+    def _base(self, source: str, sha: str | None, patient: Patient) -> StoredScreening:
+        return StoredScreening(
+            id=0, created_at="", image_sha256=sha, source=source, bundle_id=self.screener.bundle.bundle_id,
+            manifest_sha256=self.screener.bundle.manifest_sha256, artifact=self.screener.artifact.id, ok=False,
+            timings_ms={}, kit_version=__version__, patient_id=patient.patient_id, eye=patient.eye,
+            backend=self.screener.backend.name, signature_key_id=self.status.key_id if self.status.verified else None,
+            session_id=self.session_id)
+
+    def _screen_bytes(self, data: bytes) -> ScreeningResult:
+        try:
+            return self.screener.screen(data)
+        except ImageError as exc:  # Screener.screen already turns these into results; belt and braces
+            return ScreeningResult(source="", error={"code": exc.code, "message": str(exc)})
+        except Exception as exc:  # one image must never end the session
+            if self.audit is not None:
+                self.audit.record("internal-error", session_id=self.session_id, exception=type(exc).__name__)
+            return ScreeningResult(source="", error={"code": "internal-error",
+                                                     "message": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def screen_file(self, path: str | os.PathLike[str], patient: Patient | None = None) -> StoredScreening:
+        """Screen one file (or return its stored screening). Never raises for a bad image; raises
+        :class:`~fundus_edge.errors.StoreError` when the store cannot record (nothing is recorded then)."""
+        patient = patient or Patient()
+        p = Path(path)
+        rec = self._base(str(p), None, patient)
+        data: bytes | None = None
+        error: dict[str, str] | None = None
+        try:
+            size = p.stat().st_size
+            if size > self.max_file_bytes:
+                rec.image_sha256 = _sha256_file(p)
+                error = {"code": "too-large", "message": f"file is {size / 2**20:.0f} MiB, over the "
+                                                         f"{self.max_file_bytes / 2**20:.0f} MiB limit"}
+            else:
+                data = p.read_bytes()
+                rec.image_sha256 = hashlib.sha256(data).hexdigest()
+        except OSError as exc:
+            error = {"code": "not-found", "message": f"cannot read {p}: {exc.strerror or exc}"}
+        if self.store is not None and rec.image_sha256 is not None:
+            existing = self.store.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact)
+            if existing is not None:
+                return self._repeat(existing, patient)
+        if data is not None:
+            result = self._screen_bytes(data)
+            rec.ok = bool(result)
+            rec.decision = result.decision
+            rec.probability = result.probability
+            rec.threshold = result.threshold
+            rec.fov = result.fov
+            rec.quality = getattr(result, "quality", None)  # set by the quality gate, when present
+            rec.timings_ms = {k: round(v, 3) for k, v in result.timings_ms.items()}
+            error = result.error
+        if error is not None:
+            rec.ok = False
+            rec.error_code, rec.error_message = error["code"], error["message"]
+        if self.store is not None:
+            rec, inserted = self.store.add(rec)
+            if not inserted:  # another process recorded the same image first
+                return self._repeat(rec, patient)
+        self.counts["screened"] += 1
+        if rec.error_code is not None:
+            self.counts["errors"] += 1
+            if self.audit is not None:
+                self.audit.record("image-error", session_id=self.session_id, code=rec.error_code,
+                                  image_sha256=rec.image_sha256, row=rec.id or None)
+        return rec
+
+    def _repeat(self, existing: StoredScreening, patient: Patient) -> StoredScreening:
+        self.counts["stored"] += 1
+        existing.extra["stored"] = True
+        mismatch = ((patient.patient_id is not None and patient.patient_id != existing.patient_id)
+                    or (patient.eye is not None and patient.eye != existing.eye))
+        if mismatch:
+            existing.extra["patient_mismatch"] = True
+            if self.audit is not None:
+                self.audit.record("patient-mismatch", session_id=self.session_id, row=existing.id,
+                                  image_sha256=existing.image_sha256)
+        return existing
+
+    def close(self, reason: str = "done") -> None:
+        if self.audit is not None:
+            self.audit.record("session-stop", session_id=self.session_id, reason=reason,
+                              screened=self.counts["screened"], stored=self.counts["stored"],
+                              errors=self.counts["errors"])
+        self.screener.close()
+
+    def __enter__(self) -> FieldSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_bundle(bundle: str | os.PathLike[str], policy: TrustPolicy | None = None,
+                 audit: AuditLog | None = None) -> tuple[Bundle, SignatureStatus]:
+    """:func:`~fundus_edge.runtime.signing.verify_bundle` with the refusal, if any, in the audit log."""
+    policy = policy or TrustPolicy()
+    try:
+        return verify_bundle(bundle, policy)
+    except FundusEdgeError as exc:
+        _audit_refusal(audit, bundle, exc, policy)
+        raise
+
+
+def _audit_refusal(audit: AuditLog | None, bundle: str | os.PathLike[str], exc: FundusEdgeError,
+                   policy: TrustPolicy) -> None:
+    if audit is not None:
+        audit.record("bundle-refused", bundle=str(bundle), code=exc.code, reason=getattr(exc, "reason", None),
+                     message=str(exc), policy=policy.to_dict())
+
+
+def open_session(bundle: str | os.PathLike[str], *, policy: TrustPolicy | None = None,
+                 store: ResultStore | None = None, audit: AuditLog | None = None, artifact: str | None = None,
+                 fmt: str | None = None, precision: str | None = None,
+                 settings: BackendSettings | None = None, mode: str = "batch") -> FieldSession:
+    """Verify (signature per ``policy``, then checksums) and load a bundle. A refusal is audited and raised."""
+    policy = policy or TrustPolicy()
+    verified, status = check_bundle(bundle, policy, audit)
+    try:
+        screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings)
+    except FundusEdgeError as exc:
+        _audit_refusal(audit, bundle, exc, policy)
+        raise
+    session = FieldSession(screener, status, store, audit)
+    if audit is not None:
+        details: dict[str, Any] = {"bundle": str(bundle), "bundle_id": screener.bundle.bundle_id,
+                                   "manifest_sha256": screener.bundle.manifest_sha256,
+                                   "artifact": screener.artifact.id, "backend": screener.backend.name,
+                                   "signature": status.to_dict(), "policy": policy.to_dict()}
+        audit.record("bundle-loaded", session_id=session.session_id, mode=mode, **details)
+    return session

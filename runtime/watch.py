@@ -1,0 +1,278 @@
+"""Watch mode: screen image files as a camera app drops them into a directory.
+
+- **Only complete files.** A file is taken once its size and mtime have not changed for ``settle_s`` (by its
+  mtime's age, or by watching it that long, whichever comes first: a device without a real-time clock may
+  jump backwards at boot) *and* it ends the way its format ends (JPEG ``FF D9``, PNG ``IEND``). A file that
+  never gets a proper end is taken after ``incomplete_grace_s`` and recorded as a decode error. Hidden files
+  and names without an image suffix are never taken: a camera app should write ``.name.jpg`` or
+  ``name.jpg.part`` and rename it when done (atomic on one file system).
+- **Restarts neither re-screen nor skip.** Results are committed to the store before the file is moved or
+  marked; after a crash in between, the file is seen again, its sha256 is found in the store, the stored result
+  is reused and the file is moved or marked then. Nothing is kept only in memory.
+- **What happens to a processed file** (``after``): ``keep`` leaves it (the store makes a second look cheap:
+  one hash, no inference); ``move`` moves it to ``move_to`` (failed images to ``move_to/failed``), ``mark``
+  writes a ``NAME.screened`` file next to it holding the result's row id, decision or error code.
+- **Stopping.** :meth:`Watcher.run` returns after the current image once ``stop`` is set (the CLI sets it on
+  SIGINT/SIGTERM), so a stop never leaves a half-recorded image.
+
+Polling, not inotify: it works the same on every file system (including the FAT/exFAT of SD cards and USB
+sticks, which inotify does not serve well) and costs one directory listing per ``poll_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+from .screen import IMAGE_SUFFIXES
+from .session import FieldSession, Patient
+from .store import StoredScreening
+
+MARK_SUFFIX = ".screened"
+AFTER_CHOICES = ("keep", "move", "mark")
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_SIG, _PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def looks_complete(path: Path) -> bool:
+    """True unless ``path`` is a JPEG or PNG whose end marker is missing (still being written, or cut)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 64))
+            tail = fh.read().rstrip(b"\x00")  # some cameras pad after the end marker
+    except OSError:
+        return True  # unreadable: let the screening record why
+    if head.startswith(_JPEG_SOI):
+        return tail.endswith(_JPEG_EOI)
+    if head.startswith(_PNG_SIG):
+        return tail.endswith(_PNG_IEND)
+    return True
+
+
+@dataclass
+class WatchOptions:
+    directory: Path
+    after: str = "keep"
+    move_to: Path | None = None
+    poll_s: float = 1.0
+    settle_s: float = 2.0
+    incomplete_grace_s: float = 60.0
+    exit_when_idle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.after not in AFTER_CHOICES:
+            raise UsageError(f"--after must be one of {', '.join(AFTER_CHOICES)}, got {self.after!r}")
+        if self.after == "move" and self.move_to is None:
+            raise UsageError("--after move needs --move-to DIR")
+        if not self.directory.is_dir():
+            raise UsageError(f"watch directory {self.directory} does not exist")
+        if self.move_to is not None and self.move_to.resolve() == self.directory.resolve():
+            raise UsageError("--move-to must not be the watched directory itself")
+        if self.poll_s <= 0 or self.settle_s < 0 or self.incomplete_grace_s < self.settle_s:
+            raise UsageError("need --poll > 0, --settle >= 0, and a grace period >= --settle")
+
+
+@dataclass
+class _Seen:
+    key: tuple[int, int, int]  # size, mtime_ns, inode
+    since: float  # monotonic time this key was first seen
+
+
+@dataclass
+class WatchSummary:
+    screened: int = 0
+    stored: int = 0
+    errors: int = 0
+    stopped_by: str = "idle"
+    results: list[StoredScreening] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"screened": self.screened, "stored": self.stored, "errors": self.errors,
+                "stopped_by": self.stopped_by}
+
+
+class Watcher:
+    """Poll a directory and screen what appears. See the module docstring for the guarantees."""
+
+    def __init__(self, session: FieldSession, options: WatchOptions, patient: Patient | None = None,
+                 stop: threading.Event | None = None,
+                 on_result: Callable[[StoredScreening], None] | None = None, keep_results: bool = False) -> None:
+        self.session = session
+        self.opt = options
+        self.patient = patient or Patient()
+        self.stop = stop or threading.Event()
+        self.on_result = on_result
+        self.keep_results = keep_results
+        self._seen: dict[Path, _Seen] = {}
+        self._handled: set[tuple[Path, tuple[int, int, int]]] = set()
+        self.stop_reason = "stopped"
+        self.summary = WatchSummary()
+        self._unavailable = False
+
+    # ------------------------------------------------------------------------------------------ scanning
+    def _candidates(self) -> list[tuple[Path, os.stat_result]]:
+        out: list[tuple[Path, os.stat_result]] = []
+        try:
+            entries = sorted(os.scandir(self.opt.directory), key=lambda e: e.name)
+        except OSError as exc:  # e.g. a USB stick pulled out: say so once, keep polling until it is back
+            if not self._unavailable:
+                self._unavailable = True
+                if self.session.audit is not None:
+                    self.session.audit.record("watch-directory-unavailable", session_id=self.session.session_id,
+                                              error=exc.strerror or type(exc).__name__)
+            return out
+        self._unavailable = False
+        for e in entries:
+            name = e.name
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            p = Path(e.path)
+            key = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if (p, key) in self._handled or self._marked(p, key):
+                continue
+            out.append((p, st))
+        return out
+
+    def _marked(self, p: Path, key: tuple[int, int, int]) -> bool:
+        if self.opt.after != "mark":
+            return False
+        mark = p.with_name(p.name + MARK_SUFFIX)
+        try:
+            doc = json.loads(mark.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("size") == key[0] and doc.get("mtime_ns") == key[1]
+
+    def _ready(self, p: Path, st: os.stat_result, now: float) -> bool:
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        seen = self._seen.get(p)
+        if seen is None or seen.key != key:
+            self._seen[p] = seen = _Seen(key, now)
+        stable_for = max(now - seen.since, time.time() - st.st_mtime)
+        if stable_for < self.opt.settle_s:
+            return False
+        return stable_for >= self.opt.incomplete_grace_s or (st.st_size > 0 and looks_complete(p))
+
+    # ------------------------------------------------------------------------------------------ running
+    def poll_once(self) -> tuple[int, int]:
+        """Process every ready file once; returns (processed, still waiting)."""
+        now = time.monotonic()
+        cands = self._candidates()
+        alive = {p for p, _ in cands}
+        for gone in set(self._seen) - alive:
+            del self._seen[gone]
+        processed = waiting = 0
+        for p, st in cands:
+            if self.stop.is_set():
+                break
+            if not self._ready(p, st, now):
+                waiting += 1
+                continue
+            rec = self.session.screen_file(p, self.patient)
+            self._finish(p, (st.st_size, st.st_mtime_ns, st.st_ino), rec)
+            processed += 1
+            if self.on_result is not None:
+                self.on_result(rec)
+        return processed, waiting
+
+    def run(self) -> WatchSummary:
+        """Poll until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do)."""
+        summary = self.summary
+        while not self.stop.is_set():
+            processed, waiting = self.poll_once()
+            if self.opt.exit_when_idle and processed == 0 and waiting == 0 and not self.stop.is_set():
+                summary.stopped_by = "idle"
+                return summary
+            deadline = time.monotonic() + self.opt.poll_s
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                self.stop.wait(min(0.2, self.opt.poll_s))
+        summary.stopped_by = self.stop_reason
+        return summary
+
+    def _finish(self, p: Path, key: tuple[int, int, int], rec: StoredScreening) -> None:
+        s = self.summary
+        if rec.extra.get("stored"):
+            s.stored += 1
+        else:
+            s.screened += 1
+        if rec.error_code is not None:
+            s.errors += 1
+        if self.keep_results:
+            s.results.append(rec)
+        self._seen.pop(p, None)
+        try:
+            if self.opt.after == "move" and self.opt.move_to is not None:
+                dest = self.opt.move_to if rec.error_code is None else self.opt.move_to / "failed"
+                if p.exists():
+                    move_file(p, dest, rec.image_sha256)
+                return
+            if self.opt.after == "mark":
+                write_mark(p, key, rec)
+        except OSError as exc:  # the result is stored; only the tidy-up failed: say so once, do not loop
+            if self.session.audit is not None:
+                self.session.audit.record("after-failed", session_id=self.session.session_id, action=self.opt.after,
+                                          row=rec.id, error=exc.strerror or type(exc).__name__)
+        self._handled.add((p, key))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def move_file(src: Path, dest_dir: Path, sha: str | None) -> Path:
+    """Move ``src`` into ``dest_dir`` without overwriting anything; durable once it returns."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / src.name
+    n = 0
+    while target.exists():
+        n += 1
+        tag = (sha or "nohash")[:8] + (f"-{n}" if n > 1 else "")
+        target = dest_dir / f"{src.stem}-{tag}{src.suffix}"
+    try:
+        os.replace(src, target)
+    except OSError:  # another file system: copy, sync, rename into place, then remove the source
+        tmp = dest_dir / f".{target.name}.moving"
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(dest_dir)
+        src.unlink()
+    _fsync_dir(dest_dir)
+    _fsync_dir(src.parent)
+    return target
+
+
+def write_mark(p: Path, key: tuple[int, int, int], rec: StoredScreening) -> Path:
+    """``NAME.screened`` next to the image: row id, outcome, and the size/mtime it applies to."""
+    mark = p.with_name(p.name + MARK_SUFFIX)
+    doc = {"row": rec.id, "ok": rec.ok, "decision": rec.decision, "error_code": rec.error_code,
+           "image_sha256": rec.image_sha256, "bundle_id": rec.bundle_id, "size": key[0], "mtime_ns": key[1]}
+    tmp = mark.with_name("." + mark.name + ".tmp")
+    tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
+    os.replace(tmp, mark)
+    return mark
