@@ -106,7 +106,7 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
     lines.append(f"check: {'PASSED' if passed else 'FAILED'}")
     return {"bundle_id": b.bundle_id, "n": len(y), "threshold": threshold, "passed": passed,
             "evaluations": {k: e.to_dict() for k, e in evals.items()}, "gates": [g.to_dict() for g in gates],
-            "reference": ref_id, "skipped": skipped,
+            "reference": ref_id, "skipped": skipped, "note": note,
             "problems": val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped],
             "quality": quality, "text": "\n".join(lines)}
 

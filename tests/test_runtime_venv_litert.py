@@ -59,15 +59,26 @@ def test_litert_venv_screens_like_the_toolchain(litert_venv: Path, built: Any, r
 
 
 def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any, synth_val: Path) -> None:
+    """Without onnxruntime, `check` gates tflite-int8 against tflite-fp32, and computes exactly the gate the
+    toolchain computes from the build's own scores of those two files (whatever its verdict)."""
     r = _run(litert_venv, "check", "--bundle", str(built.out), "--val", str(synth_val), "--json")
-    assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["passed"] and doc["reference"] == "tflite-fp32"
-    assert set(doc["skipped"]) == {"onnx-fp32", "onnx-int8"}
+    assert r.returncode == (0 if doc["passed"] else 8), r.stderr
+    assert doc["reference"] == "tflite-fp32" and set(doc["skipped"]) == {"onnx-fp32", "onnx-int8"}
     assert [g["artifact"] for g in doc["gates"]] == ["tflite-int8"]
+    from fundus_edge.quantization.gate import GateCriteria, gate
+
     rep = json.loads((built.out / "report.json").read_text())
+    m = built.manifest
+    expected = gate("tflite-int8", np.array(rep["labels"]), np.array(rep["scores"]["tflite-fp32"]),
+                    np.array(rep["scores"]["tflite-int8"]), m["operating_point"]["threshold"],
+                    GateCriteria(**m["gate"]["criteria"]), "tflite-fp32")
+    got = doc["gates"][0]
+    assert (got["flips"], got["passed"]) == (expected.flips, expected.passed)
+    assert got["delta_auc"] == pytest.approx(expected.delta_auc, abs=1e-9)
     assert doc["evaluations"]["tflite-int8"]["auc"] == pytest.approx(
         next(g["auc"] for g in rep["gates"] if g["artifact"] == "tflite-int8"))
+    assert doc["note"] == "onnx-fp32 cannot run in this install; gating against tflite-fp32 instead"
 
 
 def test_litert_venv_outputs_compare_on_the_workstation(litert_venv: Path, built: Any, real_photos: list[Path],
