@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean
+.PHONY: demo test lint typecheck check clean emulation-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/fundus-edge demo --out demo-out
 
-test: $(STAMP)
+# qemu-user (static qemu-aarch64) + debootstrap for the emulated-device tests; fails loudly when they cannot be
+# installed (the emulated Pi 4 run must fail in CI, never skip). Needs root + apt on a fresh CI machine.
+emulation-tools:
+	sh devices/install-emulation-tools.sh
+
+test: $(STAMP) emulation-tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bundle unusable (schema,
 checksum or signature); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images
-could not be screened (the others were); 11 the result store is unusable. ``--json`` prints one JSON document
-on stdout; progress goes to stderr.
+could not be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated
+device); 12 device (does not fit, unsupported, invalid profile); 13 emulation could not run; 14 the result store
+is unusable. ``--json`` prints one JSON document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_field",)
+COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality", ".devices.cli",
+                                   ".cli_field")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
@@ -45,6 +47,10 @@ def _format_result(r: Any) -> str:
     name = Path(r.source).name
     if r.error:
         return f"{name:<28} ERROR     {r.error['code']}: {r.error['message']}"
+    if r.decision == "ungradable":
+        q = r.quality or {}
+        return (f"{name:<28} UNGRADABLE no referral decision: {'; '.join(q.get('reasons', []))}\n"
+                f"{'':<29}{q.get('hint') or ''}")
     t = r.timings_ms
     fov = "" if r.fov and r.fov.get("found") else "  (no field of view found: centre crop)"
     return (f"{name:<28} {r.decision.upper():<9} p(referable)={r.probability:.3f} (threshold {r.threshold:.3f})"
@@ -54,25 +60,48 @@ def _format_result(r: Any) -> str:
 def cmd_screen(args: argparse.Namespace) -> int:
     from .cli_field import screen_field, wants_field
     from .runtime import expand_inputs, load
+    from .runtime.backends import FORMATS_BY_BACKEND
 
     if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
         return screen_field(args)
     if not args.inputs:
         raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
+    fmt = args.format
+    if args.backend:
+        if fmt and FORMATS_BY_BACKEND[args.backend] != fmt:
+            raise UsageError(f"--backend {args.backend} runs {FORMATS_BY_BACKEND[args.backend]} files, "
+                             f"not --format {fmt}")
+        fmt = FORMATS_BY_BACKEND[args.backend]
     sources = expand_inputs(args.inputs)
-    screener = load(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
-                    settings=_settings(args))
+    bundle: Any = args.bundle
+    artifact, settings = args.artifact, None
+    if args.device:  # the device profile picks the artifact (unless given) and the backend settings
+        from .devices import resolve_device
+        from .devices.profile import choose_artifact, runnable_formats
+        from .runtime.bundle import load_bundle
+
+        profile = resolve_device(args.device)
+        bundle = load_bundle(args.bundle)
+        if not (artifact or fmt or args.precision):
+            artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
+        settings = profile.backend_settings(threads=args.threads)
+    if settings is None:
+        from .runtime.backends import BackendSettings
+
+        settings = BackendSettings(threads=1 if args.threads is None else args.threads)
+    screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings)
     with screener:
         results = list(screener.screen_many(sources))
     n_err = sum(1 for r in results if not r)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
-               "no_refer": sum(r.decision == "no-refer" for r in results), "errors": n_err}
+               "no_refer": sum(r.decision == "no-refer" for r in results),
+               "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err}
     payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
                "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary}
     lines = [f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})"]
     lines += [_format_result(r) for r in results]
     lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
-                 f"{n_err} could not be screened")
+                 f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened")
     _emit(args, payload, "\n".join(lines))
     return ImageError.exit_code if n_err else 0
 
@@ -81,18 +110,26 @@ def cmd_screen(args: argparse.Namespace) -> int:
 def _build_config(args: argparse.Namespace) -> Any:
     from .build import BuildConfig
     from .cli_field import passphrase_from_env
+    from .quantization.fallback import FallbackBudget
     from .quantization.gate import GateCriteria
+    from .runtime.quality import load_quality_spec
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
-                            n_boot=args.n_boot)
+                            n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin)
     return BuildConfig(
         model=args.model, out=args.out, calib=args.calib, val=args.val, val_images=args.val_images,
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
         calib_size=args.calib_size, exporter=args.exporter, export_atol=args.export_atol,
         parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
         allow_failed_gate=args.allow_failed_gate, force=args.force, threads=args.threads,
-        precisions=tuple(args.precisions.split(",")),
+        precisions=tuple(args.precisions.split(",")), calibrator=args.calibrator,
+        exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
+        fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
+        debug_layers=not args.no_debug_layers, device=args.device,
+        formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
+        tflite_int8_io=args.tflite_int8_io,
+        quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
         sign_key=getattr(args, "sign_key", None),
         sign_key_passphrase=passphrase_from_env(getattr(args, "sign_key_passphrase_env", None)),
     )
@@ -101,7 +138,8 @@ def _build_config(args: argparse.Namespace) -> Any:
 def _build_summary(result: Any) -> str:
     rep = result.report
     ref = rep["reference"]
-    lines = [f"reference onnx-fp32: AUC {ref['auc']:.4f} (95% CI {ref['auc_ci'][0]:.3f}-{ref['auc_ci'][1]:.3f}), "
+    lines = [f"reference {rep['operating_point']['locked_on']}: AUC {ref['auc']:.4f}"
+             f" (95% CI {ref['auc_ci'][0]:.3f}-{ref['auc_ci'][1]:.3f}), "
              f"sensitivity {ref['sensitivity']:.4f}, specificity {ref['specificity']:.4f} at threshold "
              f"{rep['operating_point']['threshold']:.4f}"]
     for g in rep["gates"]:
@@ -150,7 +188,7 @@ def cmd_info(args: argparse.Namespace) -> int:
              + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")]
     for a in b.artifacts:
         mark = " (default)" if a.id == m.get("default_artifact") else ""
-        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout}{mark}")
+        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout} {a.io_dtype} I/O{mark}")
     _emit(args, {"bundle_id": b.bundle_id, "manifest": m, "verified": True}, "\n".join(lines))
     return 0
 
@@ -181,8 +219,10 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-delta-sensitivity", type=float, default=-0.01)
     g.add_argument("--max-flip-rate", type=float, default=0.01)
     g.add_argument("--operating-point", default="sensitivity>=0.90",
-                   help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the fp32 ONNX")
+                   help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the first format's fp32 file")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
+    g.add_argument("--noninferiority-margin", type=float, default=None,
+                   help="require the paired-bootstrap 95%% CI lower bound of Δsensitivity above this (e.g. -0.02)")
     g.add_argument("--allow-failed-gate", action="store_true",
                    help="write the bundle even if the gate fails (the manifest records the failure)")
 
@@ -196,9 +236,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", required=True, type=Path)
     s.add_argument("inputs", nargs="*", help="image files or directories")
     s.add_argument("--artifact", help="artifact id (default: the bundle's default)")
-    s.add_argument("--format", choices=["onnx"], help="pick an artifact by format")
+    s.add_argument("--format", choices=["onnx", "tflite"], help="pick an artifact by format")
+    s.add_argument("--backend", choices=["onnxruntime", "litert"],
+                   help="pick an artifact by the backend that runs it (onnxruntime: onnx, litert: tflite)")
     s.add_argument("--precision", choices=["fp32", "int8"], help="pick an artifact by precision")
-    s.add_argument("--threads", type=int, default=1, help="inference threads (0: backend default)")
+    s.add_argument("--threads", type=int, help="inference threads (0: backend default; default 1, or the device's)")
+    s.add_argument("--device", help="device profile name, a profile .toml, or 'auto': picks the artifact and "
+                   "threads/providers (see 'fundus-edge devices')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_screen)
 
@@ -215,10 +259,28 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--referable-from", type=int, default=2, help="grades >= this are referable (default 2)")
     b.add_argument("--calib-size", type=int, default=128)
     b.add_argument("--precisions", default="fp32,int8")
+    b.add_argument("--calibrator", choices=["minmax", "entropy", "percentile"], default="minmax")
+    b.add_argument("--exclude-nodes", nargs="*", default=[], help="ONNX node names to keep in float from the start")
+    b.add_argument("--no-fallback", action="store_true",
+                   help="do not keep sensitive layers in float when plain int8 fails the gate")
+    b.add_argument("--fallback-max-trials", type=int, default=12)
+    b.add_argument("--fallback-max-seconds", type=float, default=900.0)
+    b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
+    b.add_argument("--formats", default="onnx,tflite",
+                   help="artifact formats, comma-separated (default onnx,tflite); the first one's fp32 file locks "
+                        "the operating point and its int8 file is the default artifact")
+    b.add_argument("--tflite-layout", choices=["NHWC", "NCHW"], default="NHWC",
+                   help="input layout of the .tflite files (default NHWC: no transpose on the device)")
+    b.add_argument("--tflite-int8-io", choices=["int8", "float32"], default="int8",
+                   help="I/O tensors of the int8 .tflite (default int8: full-integer, as NPUs/Edge TPUs need)")
     b.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     b.add_argument("--export-atol", type=float, default=1e-3)
     b.add_argument("--parity-images", nargs="*", default=[], help="extra images for the export parity check")
+    b.add_argument("--quality-spec", type=Path,
+                   help="image-quality spec JSON for the manifest (from 'quality calibrate --out'; default: built-in)")
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--device", help="target device profile: its preferred artifact becomes the bundle default and "
+                   "its settings are recorded in the manifest (see 'fundus-edge devices')")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true")
     _add_gate_args(b)

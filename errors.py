@@ -36,6 +36,20 @@ class MissingDependencyError(FundusEdgeError):
         )
 
 
+class RuntimeMissingError(MissingDependencyError):
+    """None of the packages that can provide a runtime imports; the message lists what was tried."""
+
+    def __init__(self, package: str, extra: str, purpose: str, tried: list[str], alternatives: str = "") -> None:
+        self.package = package
+        self.extra = extra
+        self.tried = list(tried)
+        FundusEdgeError.__init__(
+            self,
+            f"{purpose} needs one of several packages and none imports (tried: {'; '.join(tried)}). "
+            f"Install it with: pip install 'fundus-edge[{extra}]' ({package}){alternatives}",
+        )
+
+
 class BundleError(FundusEdgeError):
     """A bundle cannot be used: missing, wrong schema, or failed verification."""
 
@@ -87,6 +101,13 @@ class GateFailedError(FundusEdgeError):
     code = "gate-failed"
 
 
+class ParityError(FundusEdgeError):
+    """Two runners of the same model disagree beyond tolerance (``compare``; x86 vs an emulated device)."""
+
+    exit_code = 11
+    code = "parity"
+
+
 class DataError(FundusEdgeError):
     """A labels file or image folder cannot be used at all (individual bad rows are reported, not raised)."""
 
@@ -97,7 +118,7 @@ class DataError(FundusEdgeError):
 class StoreError(FundusEdgeError):
     """The result store cannot be opened or written (disk full, read-only, damaged, newer schema)."""
 
-    exit_code = 11
+    exit_code = 14
     code = "store"
 
 
@@ -126,3 +147,30 @@ IMAGE_ERROR_CODES = {
     "unsupported-mode": "the image's pixel format cannot be converted to RGB",
     "internal-error": "an unexpected error while screening this image; the batch went on (please report it)",
 }
+
+
+class MissingToolError(FundusEdgeError):
+    """A host tool (not a Python package) is missing; the message says how to install it."""
+
+    exit_code = 3
+    code = "missing-tool"
+
+
+class DeviceError(FundusEdgeError):
+    """A device profile is invalid, or a device cannot run what was asked."""
+
+    exit_code = 12
+    code = "device"
+
+
+class DeviceFitError(DeviceError):
+    """A bundle does not fit the device's memory (measured peak RSS above the budget, or killed by the cap)."""
+
+    code = "device-fit"
+
+
+class EmulationError(DeviceError):
+    """The emulation root cannot be built or the emulated run failed."""
+
+    exit_code = 13
+    code = "emulation"

@@ -1,6 +1,6 @@
 """Train a reference model on synthetic fundus photographs, reproducibly (seeded, CPU, a few minutes).
 
-    python -m fundus_edge.models.train --arch resnet18s --out models/weights/dr-resnet18s.pt
+    python -m fundus_edge.models.train --arch fundus-edge:resnet18s --out models/weights/dr-resnet18s.pt
 
 Images go through the runtime's own preprocessing (JPEG bytes -> runtime.preprocess), so the model sees in
 training exactly what the device will feed it. The result is for testing the pipeline only: synthetic
@@ -24,7 +24,6 @@ from torch import nn
 
 from ..datasets.synthetic import generate
 from ..runtime.preprocess import PreprocessSpec, preprocess
-from .reference import ARCHITECTURES
 
 SPEC = PreprocessSpec(size=224)
 IMAGE_SIZE = 384
@@ -61,7 +60,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int, width: int) -> dict[str, Any]:
+def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int,
+          arch_kwargs: dict[str, Any] | None = None, lr: float = 3e-3) -> dict[str, Any]:
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(2)
@@ -71,10 +71,13 @@ def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int
     x_va, g_va = make_split(n_val, seed=seed + 1, cameras=cameras)
     y_tr, y_va = (g_tr >= 2).astype(np.int64), (g_va >= 2).astype(np.int64)
     print(f"data: {n_train} train / {n_val} val in {time.time() - t0:.0f}s; referable {y_tr.mean():.2f}", flush=True)
-    model = ARCHITECTURES[arch](num_classes=2, width=width)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    from ..export.load import build_architecture
+
+    kwargs = dict(arch_kwargs or {})
+    model = build_architecture(arch, 2, **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((n_train + 31) // 32)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(x_tr)
@@ -101,8 +104,8 @@ def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int
     model.eval()
     final_auc = auc(y_va, _scores(model, x_va))
     meta = {
-        "arch": f"fundus-edge:{arch}",
-        "arch_kwargs": {"width": width},
+        "arch": arch,
+        "arch_kwargs": kwargs,
         "num_classes": 2,
         "class_names": ["no-referable", "referable"],
         "positive_classes": [1],
@@ -110,7 +113,7 @@ def train(arch: str, out: Path, n_train: int, n_val: int, epochs: int, seed: int
         "training": {
             "data": "synthetic fundus generator (fundus_edge.datasets.synthetic), cameras " + ",".join(cameras),
             "image_size": IMAGE_SIZE, "n_train": n_train, "n_val": n_val, "train_seed": seed,
-            "val_seed": seed + 1, "epochs": epochs, "target": "referable DR (grade >= 2)",
+            "val_seed": seed + 1, "epochs": epochs, "lr": lr, "target": "referable DR (grade >= 2)",
             "val_auc": round(final_auc, 4), "val_prevalence": round(float(y_va.mean()), 4),
             "torch": str(torch.__version__), "seconds": round(time.time() - t0),
         },
@@ -135,8 +138,9 @@ def write_card(meta: dict[str, Any], path: Path, weights: str) -> None:
 - **Data**: {t['data']}; {t['n_train']} training images (seed {t['train_seed']}), {t['n_val']} held-out
   validation images (seed {t['val_seed']}), drawn at {t['image_size']} px and JPEG-encoded (quality 92).
 - **Training**: AdamW + one-cycle LR, {t['epochs']} epochs, batch 32, horizontal flips and brightness jitter,
-  CPU, torch {t['torch']}, {t['seconds']} s. Reproduce: `python -m fundus_edge.models.train --out {weights}`
-  (plus `--width`/`--epochs` if they differ from the defaults).
+  CPU, torch {t['torch']}, {t['seconds']} s. Reproduce:
+  `python -m fundus_edge.models.train --arch {meta['arch']} --arch-kwargs '{json.dumps(meta['arch_kwargs'])}'
+  --epochs {t['epochs']} --lr {t.get('lr')} --out models/weights/{weights}`.
 - **Metric**: held-out synthetic AUC {t['val_auc']} (prevalence {t['val_prevalence']}).
 - **Use**: testing the fundus-edge pipeline (export, quantization, gate, runtime, devices).
   **Not for clinical use**: trained and evaluated on synthetic pictures only; it has never seen a real eye.
@@ -155,15 +159,18 @@ def _scores(model: nn.Module, x: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18s", choices=sorted(ARCHITECTURES))
+    p.add_argument("--arch", default="fundus-edge:resnet18s",
+                   help="fundus-edge:resnet18s | fundus-edge:vit_tiny | torchvision:<name> (e.g. mobilenet_v3_small)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-train", type=int, default=2400)
     p.add_argument("--n-val", type=int, default=400)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--arch-kwargs", default='{"width": 16, "act": "relu6"}',
+                   help="JSON keyword arguments for the architecture")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
-    train(a.arch, a.out, a.n_train, a.n_val, a.epochs, a.seed, a.width)
+    train(a.arch, a.out, a.n_train, a.n_val, a.epochs, a.seed, json.loads(a.arch_kwargs), a.lr)
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import DataError, ImageError
 from ..runtime.preprocess import PreprocessSpec, preprocess
+from ..runtime.quality import QualitySpec, assess
 
 
 @dataclass
@@ -20,17 +21,26 @@ class PreparedInputs:
     tensors: np.ndarray  # (N, ...) float32
     sources: list[str]
     skipped: list[dict[str, str]]
+    quality: list[dict[str, Any]] | None = None  # per source, when a quality spec was given
+
+    @property
+    def gradable(self) -> np.ndarray | None:
+        return None if self.quality is None else np.array([q["gradable"] for q in self.quality], dtype=bool)
 
 
 def prepare_inputs(sources: Sequence[str | os.PathLike[str]], spec: PreprocessSpec,
-                   progress: Any = None) -> PreparedInputs:
-    """Preprocess every image once (bad images are recorded and skipped)."""
+                   progress: Any = None, quality: QualitySpec | None = None) -> PreparedInputs:
+    """Preprocess every image once (bad images are recorded and skipped); with ``quality``, judge each one."""
     tensors: list[np.ndarray] = []
     used: list[str] = []
     skipped: list[dict[str, str]] = []
+    judged: list[dict[str, Any]] = []
     for i, src in enumerate(sources):
         try:
-            tensors.append(preprocess(src, spec).tensor[0])
+            pre = preprocess(src, spec, quality_size=quality.size if quality else None)
+            if quality:
+                judged.append(assess(pre, quality).to_dict())
+            tensors.append(pre.tensor[0])
             used.append(str(src))
         except ImageError as exc:
             skipped.append({"source": str(src), "code": exc.code, "message": str(exc)})
@@ -39,7 +49,7 @@ def prepare_inputs(sources: Sequence[str | os.PathLike[str]], spec: PreprocessSp
     if not tensors:
         raise DataError(f"none of the {len(sources)} images could be preprocessed "
                         f"(first problem: {skipped[0]['message'] if skipped else 'no images'})")
-    return PreparedInputs(np.stack(tensors).astype(np.float32), used, skipped)
+    return PreparedInputs(np.stack(tensors).astype(np.float32), used, skipped, judged if quality else None)
 
 
 def select_calibration(n_available: int, n: int, seed: int = 0) -> np.ndarray:
@@ -50,7 +60,7 @@ def select_calibration(n_available: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 class ArrayCalibrationReader:
-    """An onnxruntime ``CalibrationDataReader``: ``get_next()`` returns one feed dict, then None."""
+    """An onnxruntime ``CalibrationDataReader``: ``get_next()`` returns one feed dict, then None; iterable too."""
 
     def __init__(self, tensors: np.ndarray, input_name: str) -> None:
         self._tensors = tensors
@@ -64,6 +74,15 @@ class ArrayCalibrationReader:
 
     def rewind(self) -> None:
         self._iter = iter(self._tensors)
+
+    def __iter__(self) -> ArrayCalibrationReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
 
     def __len__(self) -> int:
         return len(self._tensors)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import auc, bootstrap_auc_ci, confusion, lock_threshold, sensitivity_specificity
+from .noninferiority import NonInferiority, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class GateCriteria:
     operating_point: str = "sensitivity>=0.90"
     n_boot: int = 1000
     seed: int = 0
+    # When set, the lower 95 % bound of the paired-bootstrap Δsensitivity must lie above this margin
+    # (non-inferiority, e.g. -0.02). Off by default; the CIs are always reported.
+    noninferiority_margin: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +75,7 @@ class GateResult:
     flip_rate: float
     criteria: GateCriteria
     failures: tuple[str, ...]
+    noninferiority: NonInferiority | None = None
 
     def __bool__(self) -> bool:
         return not self.failures
@@ -88,6 +93,7 @@ class GateResult:
             "delta_auc": self.delta_auc, "delta_sensitivity": self.delta_sensitivity,
             "delta_specificity": self.delta_specificity, "flips": self.flips, "flip_rate": self.flip_rate,
             "criteria": self.criteria.to_dict(), "failures": list(self.failures),
+            "noninferiority": self.noninferiority.to_dict() if self.noninferiority else None,
         }
 
 
@@ -108,8 +114,13 @@ def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candid
         failures.append(f"sensitivity dropped {d_sens:+.4f} (limit {criteria.min_delta_sensitivity:+.4f})")
     if rate > criteria.max_flip_rate:
         failures.append(f"{flips} decisions flipped ({rate:.2%}, limit {criteria.max_flip_rate:.2%})")
+    ni = paired_bootstrap(labels, reference_scores, candidate_scores, threshold, criteria.n_boot, criteria.seed)
+    margin = criteria.noninferiority_margin
+    if margin is not None and ni.delta_sensitivity_ci[0] <= margin:
+        failures.append(f"non-inferiority not shown: Δsensitivity 95% CI lower bound {ni.delta_sensitivity_ci[0]:+.4f}"
+                        f" <= margin {margin:+.4f}")
     return GateResult(artifact, reference, threshold, cand, ref, d_auc, d_sens, d_spec, flips, rate, criteria,
-                      tuple(failures))
+                      tuple(failures), ni)
 
 
 __all__ = ["Evaluation", "GateCriteria", "GateResult", "evaluate", "gate", "lock_threshold"]

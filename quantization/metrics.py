@@ -50,7 +50,8 @@ def lock_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "sensitiv
     """The operating point on the reference scores.
 
     ``sensitivity>=X``: the highest threshold whose sensitivity is at least X (best specificity at that
-    sensitivity). ``youden``: the threshold maximising sensitivity + specificity - 1.
+    sensitivity). ``youden``: the threshold maximising sensitivity + specificity - 1. Either is then moved
+    midway to the next lower score, so that no validation image sits exactly on it.
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
@@ -63,7 +64,7 @@ def lock_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "sensitiv
             se, sp = sensitivity_specificity(y, s, float(t))
             if se + sp - 1 > best:
                 best, best_t = se + sp - 1, float(t)
-        return best_t
+        return _between(s, best_t)
     m = _SENS_RULE.match(rule.replace(" ", ""))
     if not m:
         raise UsageError(f"operating-point rule {rule!r} not understood; use 'sensitivity>=0.90' or 'youden'")
@@ -71,7 +72,14 @@ def lock_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "sensitiv
     pos_scores = np.sort(s[y])[::-1]
     k = int(np.ceil(target * len(pos_scores)))  # need at least k positives at or above t
     k = min(max(k, 1), len(pos_scores))
-    return float(pos_scores[k - 1])
+    return _between(s, float(pos_scores[k - 1]))
+
+
+def _between(scores: np.ndarray, anchor: float) -> float:
+    """Midway from ``anchor`` down to the next lower score: the same decisions on these scores as ``anchor``,
+    but no image sits exactly on the threshold, where a 1e-7 difference between backends would flip it."""
+    below = scores[scores < anchor]
+    return (anchor + float(below.max())) / 2.0 if below.size else anchor
 
 
 @dataclass(frozen=True)

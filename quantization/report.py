@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 from typing import Any
+
+from .quality_gate import render_quality_markdown
 
 
 def _f(v: Any, nd: int = 4) -> str:
@@ -44,6 +48,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Gate criteria: ΔAUC ≥ {crit['min_delta_auc']}, Δsensitivity ≥ {crit['min_delta_sensitivity']}, "
               f"flips ≤ {crit['max_flip_rate']:.1%}. AUC CIs: percentile bootstrap, {crit['n_boot']} resamples, "
               f"seed {crit['seed']}.", ""]
+    lines += render_quality_markdown(report.get("quality"))
     if report.get("confusion"):
         lines += ["## Confusion at the operating point", "", "| artifact | TP | FN | FP | TN |",
                   "|---|---|---|---|---|"]
@@ -62,6 +67,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Quantization", ""]
         for name, q in report["quantization"].items():
             cfg = q["config"]
+            if "full_integer" in q:  # TFLite (ai-edge-quantizer)
+                lines.append(
+                    f"- **{name}**: {q['tool']}; calibration {cfg['calibration']}, I/O {q['io_dtype']['input']} -> "
+                    f"{q['io_dtype']['output']}, {q['n_calibration']} calibration images; "
+                    f"{'full-integer' if q['full_integer'] else '**NOT full-integer**'}; int8 MAC share "
+                    f"{q['int8_mac_fraction']:.1%}; integer ops {q['quantized_ops']}; float ops "
+                    f"{q['float_ops'] or 'none'}; float<->int conversions inside the graph {q['inner_conversions']}."
+                )
+                continue
             lines.append(
                 f"- **{name}**: {q['tool']} ({q['format']}), calibrator {cfg['calibrator']}, "
                 f"per-channel {cfg['per_channel']}, activations {cfg['activation_type']} / weights "
@@ -77,14 +91,93 @@ def render_markdown(report: dict[str, Any]) -> str:
             lat = a.get("mean_infer_ms")
             lines.append(f"| {a['id']} | {a['path']} | {a['bytes'] / 1e6:.2f} MB | {_f(lat, 2)} ms |")
         lines.append("")
+    for q_name, q in (report.get("quantization") or {}).items():
+        fb = q.get("fallback")
+        if not fb:
+            continue
+        lines += [f"## Accuracy-aware fallback ({q_name})", ""]
+        if fb["passed"] and not fb["excluded_nodes"]:
+            lines.append("Plain int8 passed the gate: nothing kept in float.")
+        else:
+            kept = ", ".join(f"{n} ({op})" for n, op in fb["kept_in_float"].items()) or "none"
+            lines.append(f"{'Passed' if fb['passed'] else 'NO candidate passed'} with "
+                         f"{len(fb['excluded_nodes'])} node(s) kept in float: {kept}. "
+                         f"int8 MAC share {fb['int8_mac_fraction']:.1%}.")
+        if fb["mostly_float"]:
+            lines.append("**WARNING: most MACs run in fp32. This is not an int8 model in any useful sense.**")
+        lines += ["", "| step | nodes in float | ΔAUC | Δsens | flips | int8 MACs | gate |",
+                  "|---|---|---|---|---|---|---|"]
+        for st in fb["steps"]:
+            lines.append(f"| {st['step']} | {len(st['excluded'])} | {st['delta_auc']:+.4f} | "
+                         f"{st['delta_sensitivity']:+.4f} | {st['flips']} | {st['int8_mac_fraction']:.1%} | "
+                         f"{'PASS' if st['passed'] else 'fail'} |")
+        lines.append("")
+    ni_rows = [g for g in report["gates"] if g.get("noninferiority")]
+    if ni_rows:
+        lines += ["## Non-inferiority (paired bootstrap, 95 % CI)", "", "| artifact | ΔAUC (CI) | Δsensitivity (CI) |",
+                  "|---|---|---|"]
+        for g in ni_rows:
+            ni = g["noninferiority"]
+            lines.append(f"| {g['artifact']} | {ni['delta_auc']:+.4f} ({ni['delta_auc_ci'][0]:+.4f}, "
+                         f"{ni['delta_auc_ci'][1]:+.4f}) | {ni['delta_sensitivity']:+.4f} "
+                         f"({ni['delta_sensitivity_ci'][0]:+.4f}, {ni['delta_sensitivity_ci'][1]:+.4f}) |")
+        lines.append("")
+    if report.get("layer_errors"):
+        worst = sorted(report["layer_errors"], key=lambda e: e["snr_db"])[:10]
+        lines += ["## Per-layer int8 error (lowest SNR first)", "", "| tensor | op | SNR dB | cosine | max abs |",
+                  "|---|---|---|---|---|"]
+        for e in worst:
+            lines.append(f"| {e['tensor']} | {e['op_type']} | {e['snr_db']:.2f} | {e['cosine']:.5f} | "
+                         f"{e['max_abs']:.4f} |")
+        lines.append("")
+    if report.get("figure_files"):
+        lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figure_files"]] + [""]
     lines += ["Synthetic validation data (if used) tests the pipeline only and supports no clinical claim.", ""]
     return "\n".join(lines)
 
 
-def write_reports(folder: Path, report: dict[str, Any]) -> list[Path]:
+def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    """A self-contained page: the markdown report as preformatted text plus every figure inline."""
+    md = html.escape(render_markdown({**report, "figure_files": []}))
+    imgs = "\n".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{name}</figcaption></figure>" for name, data in pngs.items())
+    verdict = "PASSED" if report["gate_passed"] else "FAILED"
+    colour = "#1a7f37" if report["gate_passed"] else "#cf222e"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fundus-edge report: {html.escape(str(report.get("name")))}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em}}
+pre{{white-space:pre-wrap;font-size:13px;background:#f6f8fa;padding:1em}}
+.figs{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0}} img{{max-width:520px}}
+.verdict{{font-size:1.4em;font-weight:600;color:{colour}}}</style></head>
+<body><p class="verdict">Clinical gate: {verdict}</p>
+<div class="figs">{imgs}</div>
+<pre>{md}</pre></body></html>
+"""
+
+
+def write_reports(folder: Path, report: dict[str, Any], figures: bool = True) -> list[Path]:
+    """report.json, report.md and (with matplotlib) figures/*.png + a self-contained report.html."""
     folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    pngs: dict[str, bytes] = {}
+    if figures and "scores" in report:
+        from .plots import figure_data, render_pngs
+
+        report = {**report, "figures": figure_data(report)}
+        pngs = render_pngs(report["figures"], report["operating_point"]["rule"])
+        (folder / "figures").mkdir(exist_ok=True)
+        report["figure_files"] = []
+        for name, data in pngs.items():
+            p = folder / "figures" / f"{name}.png"
+            p.write_bytes(data)
+            written.append(p)
+            report["figure_files"].append(f"figures/{name}.png")
+        h = folder / "report.html"
+        h.write_text(render_html(report, pngs))
+        written.append(h)
     j = folder / "report.json"
     j.write_text(json.dumps(report, indent=2) + "\n")
     m = folder / "report.md"
     m.write_text(render_markdown(report))
-    return [j, m]
+    return [j, m, *written]

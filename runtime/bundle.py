@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, BundleIntegrityError
+from ..errors import BundleError, BundleIntegrityError, UsageError
 from .preprocess import PreprocessSpec
+from .quality import QualitySpec
 
 SCHEMA = "fundus-edge/bundle"
 SCHEMA_VERSION = 1
@@ -79,6 +80,11 @@ class Bundle:
         self.artifacts = [Artifact.from_dict(a) for a in manifest["artifacts"]]
         if not self.artifacts:
             raise BundleError(f"{root}: the manifest lists no model artifacts")
+        # Optional (added with the quality gate): bundles without it get the default quality spec.
+        try:
+            self.quality = QualitySpec.from_dict(manifest.get("quality") or {})
+        except UsageError as exc:
+            raise BundleError(f"{root}: the manifest's quality spec is unusable: {exc}") from exc
 
     @property
     def bundle_id(self) -> str:
@@ -98,7 +104,7 @@ class Bundle:
 
     def artifact(self, artifact_id: str | None = None, fmt: str | None = None,
                  precision: str | None = None) -> Artifact:
-        """Pick an artifact by id, or by format/precision, else the manifest's default."""
+        """Pick an artifact by id, or by format/precision (preferring the default, then its precision)."""
         if artifact_id:
             for a in self.artifacts:
                 if a.id == artifact_id:
@@ -115,7 +121,9 @@ class Bundle:
         for a in matches:
             if a.id == default:
                 return a
-        return matches[0]
+        # another format than the default's: the same precision as the default (int8 when the gate passed)
+        default_precision = next((a.precision for a in self.artifacts if a.id == default), None)
+        return next((a for a in matches if a.precision == default_precision), matches[0])
 
     def path(self, artifact: Artifact) -> Path:
         return self.root / artifact.path
@@ -147,10 +155,13 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path} lacks required fields {missing}; rebuild the bundle")
     if verify:
         verify_files(root, manifest)
-    listed = set(manifest["files"])
+    listed = manifest["files"]
     for a in manifest["artifacts"]:
         if a.get("path") not in listed:
             raise BundleIntegrityError(f"artifact {a.get('id')} file {a.get('path')} is not covered by a checksum")
+        if "sha256" in a and a["sha256"] != listed[a["path"]].get("sha256"):
+            raise BundleIntegrityError(f"artifact {a.get('id')} records a sha256 that differs from the file list's "
+                                       f"for {a['path']}; the manifest was edited: do not use this bundle")
     return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
 
 

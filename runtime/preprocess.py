@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ class Preprocessed:
     original_size: tuple[int, int]
     decoded_size: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The same square crop at the quality check's own size (runtime/quality.py), when it was asked for: the
+    # quality thresholds must not depend on the network's input size. It is `image` itself when the sizes match.
+    quality_image: Image.Image | None = None
 
 
 # What Pillow raises on corrupt input besides OSError: Image.open itself treats these as "not this format"
@@ -282,39 +285,24 @@ def _fallback_fov(w: int, h: int, coverage: float) -> FieldOfView:
 
 
 def crop_resize(img: Image.Image, fov: FieldOfView, spec: PreprocessSpec) -> Image.Image:
-    """Square crop around the field of view (padding with black past the edges), resized to ``spec.size``."""
-    r = fov.radius
-    box = (
-        round(fov.cx - r),
-        round(fov.cy - r),
-        round(fov.cx + r),
-        round(fov.cy + r),
-    )
+    """Square crop around the field of view, resized to ``spec.size``; black where the square leaves the image.
+
+    One resampling pass: only the part of the square inside the image is resized (with a sub-pixel box) and
+    pasted onto a black canvas, so a circle cut at the top and bottom costs no padded full-size copy.
+    """
+    s = spec.size
+    side = 2.0 * fov.radius
+    x0, y0 = fov.cx - fov.radius, fov.cy - fov.radius
     w, h = img.size
-    size = (spec.size, spec.size)
     resample = _RESAMPLE[spec.resample]
-    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
-        return img.resize(size, resample, box=box)
-    box_pixels = (box[2] - box[0]) * (box[3] - box[1])
-    if box_pixels > 4 * w * h or box_pixels > spec.max_pixels:
-        return _crop_padded(img, box, size, resample)
-    return img.crop(box).resize(size, resample)
-
-
-def _crop_padded(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
-                 resample: Image.Resampling) -> Image.Image:
-    """``img.crop(box).resize(size)`` without building the padded crop, for a box far larger than the image
-    (a 32 x 60000 strip asks for a 60000-pixel square: gigabytes, or Pillow's decompression-bomb error).
-    The visible part is resized into its place on a black square; ordinary photographs never get here."""
-    w, h = img.size
-    x0, y0, x1, y1 = box
-    scale_x, scale_y = size[0] / (x1 - x0), size[1] / (y1 - y0)
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    dx0, dy0 = round((ix0 - x0) * scale_x), round((iy0 - y0) * scale_y)
-    dx1, dy1 = round((ix1 - x0) * scale_x), round((iy1 - y0) * scale_y)
-    canvas = Image.new("RGB", size)
-    if dx1 > dx0 and dy1 > dy0:
-        canvas.paste(img.resize((dx1 - dx0, dy1 - dy0), resample, box=(ix0, iy0, ix1, iy1)), (dx0, dy0))
+    ix0, iy0, ix1, iy1 = max(0.0, x0), max(0.0, y0), min(float(w), x0 + side), min(float(h), y0 + side)
+    if (ix0, iy0, ix1, iy1) == (x0, y0, x0 + side, y0 + side):
+        return img.resize((s, s), resample, box=(x0, y0, x0 + side, y0 + side))
+    scale = s / side
+    dx0, dy0 = round((ix0 - x0) * scale), round((iy0 - y0) * scale)
+    dw, dh = max(1, min(s - dx0, round((ix1 - ix0) * scale))), max(1, min(s - dy0, round((iy1 - iy0) * scale)))
+    canvas = Image.new("RGB", (s, s))
+    canvas.paste(img.resize((dw, dh), resample, box=(ix0, iy0, ix1, iy1)), (dx0, dy0))
     return canvas
 
 
@@ -351,8 +339,23 @@ def normalize(
     return out
 
 
-def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None) -> Preprocessed:
-    """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images."""
+def relayout(tensors: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """A (N, ...) batch of preprocessed images from layout ``src`` to ``dst`` ("NCHW" / "NHWC"): same values."""
+    for name in (src, dst):
+        if name not in ("NCHW", "NHWC"):
+            raise UsageError(f"layout must be NCHW or NHWC, got {name!r}")
+    if src == dst:
+        return tensors
+    axes = (0, 2, 3, 1) if dst == "NHWC" else (0, 3, 1, 2)
+    return np.ascontiguousarray(tensors.transpose(axes))
+
+
+def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None,
+               quality_size: int | None = None) -> Preprocessed:
+    """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images.
+
+    ``quality_size``: also crop the decoded image to that size for the quality check (``quality_image``).
+    """
     t0 = time.perf_counter()
     img, original = decode(source, spec)
     t1 = time.perf_counter()
@@ -363,11 +366,17 @@ def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None
         pixels = ben_graham(crop, spec.ben_graham_sigma)
     tensor = normalize(pixels, spec, out=out)
     t2 = time.perf_counter()
+    timings = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+    quality_image: Image.Image | None = None
+    if quality_size is not None:
+        quality_image = crop if quality_size == spec.size else crop_resize(img, fov, replace(spec, size=quality_size))
+        timings["quality_crop"] = (time.perf_counter() - t2) * 1e3
     return Preprocessed(
         tensor=tensor,
         image=crop,
         fov=fov,
         original_size=original,
         decoded_size=img.size,
-        timings_ms={"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3},
+        timings_ms=timings,
+        quality_image=quality_image,
     )

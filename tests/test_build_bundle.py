@@ -11,6 +11,7 @@ import pytest
 
 from fundus_edge.build import BuildConfig, run_build
 from fundus_edge.errors import BundleError, BundleIntegrityError, GateFailedError, UsageError
+from fundus_edge.quantization.fallback import FallbackBudget
 from fundus_edge.quantization.gate import GateCriteria
 from fundus_edge.runtime import load, load_bundle
 from fundus_edge.runtime.bundle import MANIFEST, sha256_file
@@ -21,7 +22,7 @@ def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None
     m = built.manifest
     assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 1
     ids = {a["id"]: a for a in m["artifacts"]}
-    assert set(ids) == {"onnx-fp32", "onnx-int8"}
+    assert set(ids) == {"onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"}  # build makes both formats
     assert m["default_artifact"] == "onnx-int8"
     for rel, entry in m["files"].items():
         assert sha256_file(built.out / rel) == entry["sha256"]
@@ -114,15 +115,22 @@ def test_missing_file_and_not_a_bundle(bundle_copy: Path, tmp_path: Path) -> Non
 def test_impossible_gate_writes_no_bundle(tmp_path: Path, synth_val: Path, synth_calib: Path) -> None:
     out = tmp_path / "strict"
     cfg = BuildConfig(model="reference:dr-resnet18s", out=out, calib=synth_calib, val=synth_val, calib_size=8,
-                      criteria=GateCriteria(min_delta_auc=0.5, n_boot=50))
-    with pytest.raises(GateFailedError, match="AUC dropped"):
+                      criteria=GateCriteria(min_delta_auc=0.5, n_boot=50),
+                      fallback_budget=FallbackBudget(max_trials=2, max_ranked_nodes=3, tuning_images=8),
+                      formats=("onnx",))  # CI time: the gate-failure path does not depend on the formats
+    with pytest.raises(GateFailedError, match="AUC dropped") as exc:
         run_build(cfg, log=lambda s: None)
+    assert "the best kept" in str(exc.value) and "flips" in str(exc.value)  # the best candidate's numbers
+    assert exc.value.exit_code == 8
     assert not out.exists()
-    report = tmp_path / "strict.gate-failed" / "report.json"
-    assert json.loads(report.read_text())["gate_passed"] is False
+    report = json.loads((tmp_path / "strict.gate-failed" / "report.json").read_text())
+    assert report["gate_passed"] is False
+    fb = report["quantization"]["onnx-int8"]["fallback"]
+    assert not fb["passed"] and len(fb["steps"]) == 3 and len(fb["ranking"]) == 3
     assert not list(tmp_path.glob(".strict.staging*"))
     # with --allow-failed-gate the bundle is written and says so; the default artifact stays fp32
     cfg.allow_failed_gate = True
+    cfg.fallback = False
     result = run_build(cfg, log=lambda s: None)
     m = load_bundle(out).manifest
     assert not result.gate_passed and m["gate"]["passed"] is False and m["gate"]["allow_failed_gate"] is True

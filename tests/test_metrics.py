@@ -41,9 +41,13 @@ def test_sensitivity_specificity_match_sklearn(seed: int) -> None:
 def test_locked_threshold_reaches_target_sensitivity_and_is_the_highest() -> None:
     y, s = _data(7)
     t = lock_threshold(y, s, "sensitivity>=0.90")
-    sens, _ = sensitivity_specificity(y, s, t)
+    sens, spec = sensitivity_specificity(y, s, t)
     assert sens >= 0.90
-    higher = s[s > t]
+    assert not np.any(s == t)  # no image sits on the threshold
+    # the highest score-threshold reaching the target gives the very same decisions
+    anchor = min(u for u in np.unique(s) if sensitivity_specificity(y, s, float(u))[0] >= 0.90 and u > t)
+    assert sensitivity_specificity(y, s, float(anchor)) == (sens, spec)
+    higher = np.unique(s[s > anchor])
     if len(higher):
         assert sensitivity_specificity(y, s, float(higher.min()))[0] < 0.90
 
@@ -53,6 +57,7 @@ def test_youden_threshold_maximises_j() -> None:
     t = lock_threshold(y, s, "youden")
     best = max(sum(sensitivity_specificity(y, s, float(u))) for u in np.unique(s))
     assert sum(sensitivity_specificity(y, s, t)) == pytest.approx(best)
+    assert not np.any(s == t)
 
 
 def test_bad_rule_and_one_class() -> None:

@@ -46,7 +46,7 @@ def test_runtime_venv_screens_a_toolchain_bundle(runtime_venv: Path, built: Any,
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["summary"] == {"n": 2, "refer": doc["summary"]["refer"], "no_refer": doc["summary"]["no_refer"],
-                              "errors": 0}
+                              "ungradable": 0, "errors": 0}
     assert doc["artifact"] == "onnx-int8"
     # same numbers as in the toolchain environment
     from fundus_edge.runtime import load
@@ -61,11 +61,43 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
     assert r.returncode == 0, r.stderr
     assert "check: PASSED" in r.stdout
     py = runtime_venv / "bin" / "python"
-    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli;"
+    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli, fundus_edge.quality_calibration,"
+            " fundus_edge.devices.cli, fundus_edge.devices.emulate, fundus_edge.devices.package,"
+            " fundus_edge.devices.doctor, fundus_edge.devices.worker, fundus_edge.devices.emuroot;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0
+    r3 = _run(runtime_venv, "doctor", "--device", "rpi4", "--json")  # profiles ship in the wheel; no torch needed
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert json.loads(r3.stdout)["profile"] == "rpi4"
     r2 = _run(runtime_venv, "build", "--model", "reference:dr-resnet18s", "--calib", "x", "--val", "y.csv",
               "--out", "z")
     assert r2.returncode == 3, r2.stderr
     assert "pip install 'fundus-edge[export]'" in r2.stderr
+    # no TFLite runtime in this install: the LiteRT backend fails naming what to install
+    r3 = _run(runtime_venv, "screen", "--bundle", str(built.out), "--backend", "litert", "x.jpg")
+    assert r3.returncode == 3, r3.stderr
+    assert "pip install 'fundus-edge[litert]'" in r3.stderr and "tflite-runtime" in r3.stderr
+
+
+def test_runtime_venv_quality_and_calibration(runtime_venv: Path, real_photos: list[Path], tmp_path: Path) -> None:
+    """The image-quality check and the per-camera calibration run with the device install (no torch)."""
+    r = _run(runtime_venv, "quality", str(real_photos[0].parent), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summary"]["gradable"] == len(real_photos)
+    from PIL import Image, ImageFilter
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    for i in range(10):  # the real photographs, twice, as 'good'; blurred copies as 'bad'
+        img = Image.open(real_photos[i % len(real_photos)]).convert("RGB")
+        img.rotate(180 * (i // len(real_photos))).save(good / f"g{i}.jpg", quality=92)
+        img.filter(ImageFilter.GaussianBlur(8)).save(bad / f"b{i}.jpg", quality=92)
+    out = tmp_path / "spec.json"
+    r = _run(runtime_venv, "quality", "calibrate", "--good", str(good), "--bad", str(bad), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    sharp = next(m for m in doc["measures"] if m["name"] == "sharpness")
+    assert sharp["auc"] == 1.0 and doc["calibrated"]["bad_rejected"] == 1.0
+    assert json.loads(out.read_text())["measures"]["sharpness"]["min"] is not None

@@ -9,15 +9,21 @@ import numpy as np
 from ...errors import UsageError
 from .base import Backend, BackendSettings
 
-BACKENDS_BY_FORMAT = {"onnx": "onnxruntime"}
+# model format -> the backend that runs it
+BACKENDS_BY_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
+FORMATS_BY_BACKEND = {v: k for k, v in BACKENDS_BY_FORMAT.items()}
 
 
 def create_backend(fmt: str, model_path: str | Path, settings: BackendSettings | None = None) -> Backend:
-    """The backend that runs a model file of format ``fmt`` ("onnx")."""
+    """The backend that runs a model file of format ``fmt`` ("onnx" or "tflite")."""
     if fmt == "onnx":
         from .onnxrt import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model_path, settings)
+    if fmt == "tflite":
+        from .litert import LiteRTBackend
+
+        return LiteRTBackend(model_path, settings)
     raise UsageError(f"no runtime backend for model format {fmt!r}; this runtime knows {sorted(BACKENDS_BY_FORMAT)}")
 
 
@@ -29,4 +35,5 @@ def run_backend(fmt: str, model_path: str | Path, inputs: np.ndarray,
     return np.concatenate(outs), backend
 
 
-__all__ = ["Backend", "BackendSettings", "create_backend", "run_backend"]
+__all__ = ["BACKENDS_BY_FORMAT", "FORMATS_BY_BACKEND", "Backend", "BackendSettings", "create_backend",
+           "run_backend"]

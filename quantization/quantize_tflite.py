@@ -1,0 +1,177 @@
+"""Full-integer int8 TFLite with ai-edge-quantizer: static int8 weights (per channel) and activations.
+
+Calibration runs the fp32 .tflite on fundus images preprocessed by the runtime, and keeps the *global*
+min/max of every tensor over the whole calibration set (``qsv_utils.min_max_update``). The library's default
+is a moving average of per-image ranges, which forgets the extremes: on the reference ResNet it clipped
+activations (measured: 69 % top-1 agreement with PyTorch, against 94 % with the global range).
+
+``io_dtype="int8"`` gives a model whose input and output tensors are int8 (what integer-only accelerators
+need; the runtime backend scales them from the tensors' quantization parameters); ``"float32"`` keeps float
+I/O with QUANTIZE/DEQUANTIZE at the edges. Either way the result's ``coverage`` says, from the written file,
+which operators stayed float. The pt2e route of litert-torch is not used: it does not produce full-integer
+models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MissingDependencyError, QuantizationError
+from ..runtime.backends.litert import import_interpreter
+from ..runtime.tflite_graph import TfliteGraphReport, inspect_tflite
+
+CALIBRATIONS = ("global-minmax", "moving-average")
+IO_DTYPES = ("int8", "float32")
+
+
+@dataclass(frozen=True)
+class TfliteQuantConfig:
+    io_dtype: str = "int8"
+    calibration: str = "global-minmax"
+    float_ops: tuple[str, ...] = ()  # TFLite op names to leave in float (per-op fallback), e.g. "FULLY_CONNECTED"
+    threads: int = 0  # calibration interpreter threads; 0: the machine's CPU count
+    require_full_integer: bool = True  # refuse a result that is not full-integer (unless float_ops were asked)
+
+    def __post_init__(self) -> None:
+        if self.io_dtype not in IO_DTYPES:
+            raise QuantizationError(f"TFLite int8 I/O dtype must be one of {IO_DTYPES}, got {self.io_dtype!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise QuantizationError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.threads < 0:
+            raise QuantizationError(f"threads must be >= 0, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["float_ops"] = list(self.float_ops)
+        return d
+
+
+@dataclass
+class TfliteQuantResult:
+    path: Path
+    config: TfliteQuantConfig
+    n_calibration: int
+    seconds: float
+    coverage: TfliteGraphReport
+    input_range: tuple[float, float] = (0.0, 0.0)  # calibrated range of the model input
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        cov = self.coverage
+        return {
+            "tool": "ai_edge_quantizer (static_wi8_ai8: per-channel int8 weights, per-tensor int8 activations)",
+            "config": self.config.to_dict(),
+            "n_calibration": self.n_calibration,
+            "seconds": round(self.seconds, 2),
+            "input_range": [round(v, 6) for v in self.input_range],
+            "full_integer": cov.full_integer,
+            "op_counts": cov.op_counts,
+            "quantized_ops": cov.integer_ops,
+            "float_ops": cov.float_ops,
+            "io_conversions": cov.io_conversions,
+            "inner_conversions": cov.inner_conversions,
+            "int8_mac_fraction": round(cov.int8_mac_fraction, 4),
+            "io_dtype": {"input": cov.input_dtype, "output": cov.output_dtype},
+            "versions": self.versions,
+        }
+
+
+def _import_quantizer() -> Any:
+    try:
+        import ai_edge_quantizer
+    except ImportError as exc:
+        raise MissingDependencyError("ai-edge-quantizer", "export", "TFLite int8 quantization") from exc
+    return ai_edge_quantizer
+
+
+def _recipe(cfg: TfliteQuantConfig) -> Any:
+    from ai_edge_quantizer import qtyping, recipe, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe.static_wi8_ai8())
+    keep_float = list(cfg.float_ops)
+    if cfg.io_dtype == "float32":
+        keep_float += ["INPUT", "OUTPUT"]
+    for op in keep_float:
+        try:
+            op_name = qtyping.TFLOperationName(op)
+        except ValueError as exc:
+            raise QuantizationError(f"unknown TFLite operation {op!r} for float fallback; use names such as "
+                                    "CONV_2D, FULLY_CONNECTED, ADD, MEAN") from exc
+        manager.add_quantization_config(".*", op_name, None, AlgorithmName.NO_QUANTIZE)
+    return manager
+
+
+def quantize_tflite(fp32_path: Path, out: Path, calib: np.ndarray, cfg: TfliteQuantConfig | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> TfliteQuantResult:
+    """Quantize ``fp32_path`` with ``calib`` (N, ...) float32 inputs in the file's own layout."""
+    import importlib.metadata as md
+
+    cfg = cfg or TfliteQuantConfig()
+    _import_quantizer()
+    from ai_edge_quantizer import calibrator, quantizer
+    from ai_edge_quantizer.utils import qsv_utils
+
+    if calib.ndim != 4 or not len(calib):
+        raise QuantizationError(f"calibration inputs must be a non-empty (N, ...) image batch, got {calib.shape}")
+    t0 = time.perf_counter()
+    manager = _recipe(cfg)
+    model_bytes = fp32_path.read_bytes()
+    threads = cfg.threads or os.cpu_count() or 1
+    update = qsv_utils.min_max_update if cfg.calibration == "global-minmax" else qsv_utils.moving_average_update
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+            # preserve_all_tensors (how the calibrator reads every activation) warns that it is for debugging
+            warnings.simplefilter("ignore")
+            cal = calibrator.Calibrator(model_bytes, num_threads=threads, qsv_update_func=update)
+            signature = cal.get_signature_list()
+            if len(signature) != 1:
+                raise QuantizationError(f"{fp32_path.name} has {len(signature)} signatures; expected one")
+            key = next(iter(signature))
+            input_name = signature[key]["inputs"][0]
+            for i in range(len(calib)):
+                cal.calibrate({key: [{input_name: np.ascontiguousarray(calib[i : i + 1])}]}, manager)
+                if progress is not None:
+                    progress(i + 1, len(calib))
+            qsvs = cal.get_model_qsvs()
+            qt = quantizer.Quantizer(model_bytes, manager.get_quantization_recipe())
+            result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
+    except QuantizationError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"ai-edge-quantizer failed on {fp32_path.name}: {type(exc).__name__}: {exc}") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(bytes(result.quantized_model))
+    coverage = inspect_tflite(out)
+    if cfg.require_full_integer and not cfg.float_ops and not coverage.full_integer:
+        raise QuantizationError(f"the int8 TFLite model is not full-integer: {coverage.summary()}. "
+                                "Pass the ops to keep in float explicitly if this is intended")
+    in_range = _input_range(qsvs, fp32_path)
+    versions = {}
+    for dist in ("ai-edge-quantizer", "ai-edge-litert"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[dist] = md.version(dist)
+    return TfliteQuantResult(out, cfg, len(calib), time.perf_counter() - t0, coverage, in_range, versions)
+
+
+def _input_range(qsvs: dict[str, Any], fp32_path: Path) -> tuple[float, float]:
+    """The calibrated (min, max) of the model's input tensor."""
+    interp = import_interpreter("Reading the model input").create(str(fp32_path), 1, plain=True)
+    name = interp.get_input_details()[0]["name"]
+    del interp
+    q = qsvs.get(name)
+    if not q or "min" not in q:
+        raise QuantizationError(f"calibration recorded no range for the model input {name!r}")
+    return float(np.min(q["min"])), float(np.max(q["max"]))

@@ -1,0 +1,554 @@
+"""Image quality: is this photograph a gradable fundus image? Cheap rule-based measures, numpy + Pillow only.
+
+The measures are computed on the quality crop that :func:`~fundus_edge.runtime.preprocess.preprocess` cuts
+from the same decoded image as the network input: the square around the detected field of view, at
+:attr:`QualitySpec.size` pixels (224 by default, the default network size, so the network's crop is reused;
+other network sizes get their own crop at this size, so the thresholds do not depend on the model). Inside the
+field of view (quarter resolution for exposure and colour, half for contrast and vessels, full for noise and
+focus):
+
+====================  ======================================================================================
+``fov_found``         1 when a circular field of view was detected, else 0
+``fov_size``          the detected circle's diameter / the frame's short side (small when only a small pupil
+                      lets light in)
+``fov_centring``      distance of the circle's centre from the frame's centre, in circle radii
+``fov_visible``       fraction of the circle that lies inside the frame
+``fov_border``        brightness outside the circle / inside it (a fundus camera's circle sits on black)
+``brightness``        mean luma, 0..1 (bounded below and above: under- and over-exposure)
+``saturated``         fraction that is burnt out (luma >= 235)
+``dark_area``         fraction of 16-px blocks darker than 30 % of the 90th-percentile block: shadows of a
+                      small pupil, eyelashes, a misaligned eye
+``noise``             sensor-noise sigma of the green channel in grey levels (Immerkær's kernel, lower half)
+``contrast``          local contrast of the green channel: RMS of its 16-px block standard deviations / mean
+``sharpness``         re-blur focus measure (after Crété-Roffet et al. 2007): on the strongest coarse-scale
+                      edges, the share of fine-scale gradient that a further blur removes; the least over four
+                      directions, so motion blur counts; contrast cancels out, noise does not pick the edges
+``vessels``           vessel visibility: 98th percentile of the green channel's black top-hat / local level
+``red_share``         R / (R + G + B) of lit pixels
+``channel_order``     fraction of lit pixels with R >= G >= B
+``hue_spread``        chroma-weighted circular standard deviation of the hue, in degrees
+====================  ======================================================================================
+
+Each measure has bounds (``min``/``max``) in the :class:`QualitySpec`, which lives in the bundle manifest
+(``quality``); a bundle without it gets :data:`DEFAULT_BOUNDS`. An image is gradable when every measure is
+inside its bounds. The combined score is ``sigmoid(min_i margin_i)`` where ``margin_i`` is the distance to the
+nearest bound in units of the measure's ``scale``: it is >= 0.5 exactly when the image is gradable, and ranks
+images by their weakest measure.
+
+Darkness is guarded first: the relative measures divide by a floored brightness, and a dark image fails on
+``brightness`` whatever its other measures say (a very dark, noisy frame can look vessel-rich); the reasons
+then start with darkness and the hint speaks of light, not focus.
+
+Colour and thresholds do not transfer between cameras: calibrate them per camera with
+``fundus-edge quality calibrate --good DIR --bad DIR`` (``quality_calibration.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UsageError
+from .preprocess import FieldOfView, Preprocessed, PreprocessSpec, preprocess
+
+QUALITY_SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Acceptable range of one measure; ``scale`` converts a distance to a bound into margin units."""
+
+    min: float | None = None
+    max: float | None = None
+    scale: float = 1.0
+
+    def margin(self, value: float) -> float:
+        """Signed distance to the nearest bound in units of ``scale``: >= 0 inside, < 0 outside. +inf: no bound."""
+        m = math.inf
+        if self.min is not None:
+            m = min(m, (value - self.min) / self.scale)
+        if self.max is not None:
+            m = min(m, (self.max - value) / self.scale)
+        return m
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"min": self.min, "max": self.max, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class MeasureInfo:
+    """What a measure means and what to tell the operator when it fails."""
+
+    group: str
+    too_low: str
+    too_high: str
+
+
+# What to tell the operator, by failure group. The hint comes from the first failing group in this order:
+# exposure first (it also distorts colour, contrast and noise), framing (a misplaced circle spoils the surround
+# measure), "not a fundus" when the evidence is strong, then shadows (small pupil), noise, haze and focus.
+HINTS: dict[str, str] = {
+    "dark": "Too dark: check that the lens is uncovered and aimed at the pupil, dim the room, wait for the pupil to "
+            "widen (or use the small-pupil mode), raise the illumination and retake while the patient is here.",
+    "bright": "Over-exposed or washed out: lower the flash or illumination, avoid reflections and retake while "
+              "the patient is here.",
+    "framing": "The retina is not centred in the frame: re-align the camera on the pupil and retake while the "
+               "patient is here.",
+    "not-fundus": "This does not look like a fundus photograph: check that the lens is uncovered and pointed at "
+                  "the pupil, then retake while the patient is here.",
+    "shadow": "Part of the retina is dark or shadowed (small pupil, eyelashes or misalignment): wait for the pupil "
+              "to widen, hold the eyelid open, re-align on the pupil and retake while the patient is here.",
+    "noise": "Too noisy: add light rather than gain, hold the camera still and retake while the patient is here.",
+    "haze": "Low contrast (flare, haze or a dirty lens): clean the lens, re-align to avoid reflections and retake "
+            "while the patient is here.",
+    "focus": "Out of focus or shaken: refocus, steady the camera and retake while the patient is here.",
+}
+
+MEASURES: dict[str, MeasureInfo] = {
+    "fov_found": MeasureInfo("not-fundus", "no circular field of view found", "-"),
+    "fov_border": MeasureInfo("not-fundus", "-", "no dark surround around the field of view"),
+    "red_share": MeasureInfo("not-fundus", "not red enough for a retina", "implausibly red for this camera"),
+    "channel_order": MeasureInfo("not-fundus", "colours not ordered red > green > blue like a retina", "-"),
+    "hue_spread": MeasureInfo("not-fundus", "-", "too many different hues for a retina"),
+    "fov_size": MeasureInfo("shadow", "the lit field of view is small (small pupil?)", "-"),
+    "fov_centring": MeasureInfo("framing", "-", "the field of view is off-centre"),
+    "fov_visible": MeasureInfo("framing", "the field of view runs out of the frame", "-"),
+    "brightness": MeasureInfo("dark", "under-exposed (too dark)", "over-exposed (too bright)"),  # or "bright"
+    "saturated": MeasureInfo("bright", "-", "burnt-out areas"),
+    "dark_area": MeasureInfo("shadow", "-", "part of the field of view is in shadow"),
+    "noise": MeasureInfo("noise", "-", "too much sensor noise"),
+    "contrast": MeasureInfo("haze", "low contrast (haze or flare)", "-"),
+    "sharpness": MeasureInfo("focus", "blurred (out of focus or shaken)", "-"),
+    "vessels": MeasureInfo("focus", "vessels not visible", "-"),
+}
+
+# Tuned on synthetic degradations of three synthetic camera profiles and checked on the CC0 real photographs
+# (see benchmarks/quality_study.py). Calibrate per camera: colour in particular does not transfer.
+DEFAULT_BOUNDS: dict[str, Bounds] = {
+    "fov_found": Bounds(min=0.5, scale=0.05),
+    "fov_border": Bounds(max=0.15, scale=0.05),
+    "red_share": Bounds(min=0.47, scale=0.03),
+    "channel_order": Bounds(min=0.9, scale=0.025),
+    "hue_spread": Bounds(max=12.0, scale=3.0),
+    "fov_size": Bounds(min=0.75, scale=0.08),
+    "fov_centring": Bounds(max=0.25, scale=0.08),
+    "fov_visible": Bounds(min=0.6, scale=0.1),
+    "brightness": Bounds(min=0.14, max=0.65, scale=0.05),
+    "saturated": Bounds(max=0.1, scale=0.05),
+    "dark_area": Bounds(max=0.1, scale=0.05),
+    "noise": Bounds(max=2.0, scale=0.4),
+    "contrast": Bounds(min=0.05, scale=0.015),
+    "sharpness": Bounds(min=0.24, scale=0.03),
+    "vessels": Bounds(min=0.12, scale=0.04),
+}
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """Everything the quality check needs; serialised into the bundle manifest as ``quality``.
+
+    The default bounds are for the default ``size`` (224 px): the focus and noise measures depend on the
+    crop's scale, so a spec with another size needs its own calibration.
+    """
+
+    size: int = 224
+    enabled: bool = True
+    bounds: Mapping[str, Bounds] = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
+    source: str = "defaults (synthetic degradations, 3 synthetic camera profiles)"
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.size <= 1024:
+            raise UsageError(f"quality size must be 64..1024 pixels, got {self.size}")
+        unknown = set(self.bounds) - set(MEASURES)
+        if unknown:
+            raise UsageError(f"unknown quality measures {sorted(unknown)}; this runtime knows {sorted(MEASURES)}")
+        for name, b in self.bounds.items():
+            if not (math.isfinite(b.scale) and b.scale > 0):
+                raise UsageError(f"quality measure {name}: scale must be a finite number > 0, got {b.scale}")
+            if any(v is not None and not math.isfinite(v) for v in (b.min, b.max)):
+                raise UsageError(f"quality measure {name}: bounds must be finite numbers or null")
+            if b.min is not None and b.max is not None and b.min > b.max:
+                raise UsageError(f"quality measure {name}: min {b.min} is above max {b.max}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": QUALITY_SPEC_VERSION, "size": self.size, "enabled": self.enabled, "source": self.source,
+                "measures": {k: self.bounds[k].to_dict() for k in MEASURES if k in self.bounds}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QualitySpec:
+        """Read a spec; measures it does not list keep their defaults, fields it lists override them."""
+        if not isinstance(data, Mapping):
+            raise UsageError("a quality spec must be a JSON object")
+        known = {"version", "size", "enabled", "source", "measures"}
+        unknown = set(data) - known
+        if unknown:
+            raise UsageError(f"unknown quality spec fields {sorted(unknown)}; known: {sorted(known)}")
+        version = data.get("version", QUALITY_SPEC_VERSION)
+        if version != QUALITY_SPEC_VERSION:
+            raise UsageError(f"quality spec version {version} is not supported (this runtime reads "
+                             f"{QUALITY_SPEC_VERSION}); upgrade fundus-edge")
+        measures = data.get("measures", {})
+        if not isinstance(measures, Mapping):
+            raise UsageError("quality spec 'measures' must map measure names to {min, max, scale}")
+        bounds = dict(DEFAULT_BOUNDS)
+        for name, entry in measures.items():
+            if name not in MEASURES:
+                raise UsageError(f"unknown quality measure {name!r}; this runtime knows {sorted(MEASURES)}")
+            if not isinstance(entry, Mapping) or set(entry) - {"min", "max", "scale"}:
+                raise UsageError(f"quality measure {name}: expected an object with min, max and scale")
+            base = bounds[name]
+            try:
+                bounds[name] = Bounds(
+                    min=_opt_float(entry["min"]) if "min" in entry else base.min,
+                    max=_opt_float(entry["max"]) if "max" in entry else base.max,
+                    scale=float(entry.get("scale", base.scale)),
+                )
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"quality measure {name}: bounds must be numbers or null ({exc})") from exc
+        size, enabled = data.get("size", 224), data.get("enabled", True)
+        if not isinstance(size, int) or isinstance(size, bool) or not isinstance(enabled, bool):
+            raise UsageError("quality spec: 'size' must be an integer and 'enabled' true or false")
+        default_source = cls.__dataclass_fields__["source"].default
+        return cls(size=size, enabled=enabled, bounds=bounds,
+                   source=str(data.get("source", "custom" if data else default_source)))
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def load_quality_spec(path: str | os.PathLike[str]) -> QualitySpec:
+    """Read a quality spec JSON file (as written by ``fundus-edge quality calibrate --out``)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the quality spec {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the quality spec {path} is not valid JSON ({exc})") from exc
+    return QualitySpec.from_dict(data)
+
+
+@dataclass
+class QualityResult:
+    """The quality of one image. Truthy when it is gradable (no measure out of bounds)."""
+
+    measures: dict[str, float]
+    margins: dict[str, float]
+    failed: list[str]
+    score: float
+    reasons: list[str]
+    hint: str | None
+    timings_ms: float = 0.0
+
+    def __bool__(self) -> bool:
+        return not self.failed
+
+    @property
+    def gradable(self) -> bool:
+        return bool(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gradable": self.gradable, "score": round(self.score, 4), "failed": list(self.failed),
+                "reasons": list(self.reasons), "hint": self.hint,
+                "measures": {k: round(v, 4) for k, v in self.measures.items()}}
+
+
+# --------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class _Masks:
+    inner: np.ndarray  # bool (S, S): retina well inside the field of view and the frame
+    outside: np.ndarray  # bool: in the frame, clearly outside the circle
+    visible: float  # fraction of the circle inside the frame
+
+
+@lru_cache(maxsize=8)
+def _radius2(size: int) -> np.ndarray:
+    """Squared distance of each pixel centre from the crop centre, in units of the crop's half side."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / (size / 2.0) - 1.0
+    d2 = c[None, :] ** 2 + c[:, None] ** 2
+    d2.setflags(write=False)
+    return d2
+
+
+def _masks(fov: FieldOfView, decoded_size: tuple[int, int], size: int) -> _Masks:
+    """Where the field of view and the frame lie in a square crop of ``size`` (see preprocess.crop_resize)."""
+    r = max(fov.radius, 0.5)
+    x0, y0 = fov.cx - r, fov.cy - r
+    k = size / (2.0 * r)
+    w, h = decoded_size
+    c = np.arange(size, dtype=np.float32) + 0.5
+    # The frame (the decoded image) in crop pixel coordinates; outside it the crop is black padding.
+    fx0, fx1, fy0, fy1 = -x0 * k, (w - x0) * k, -y0 * k, (h - y0) * k
+
+    def in_frame(inset: float) -> np.ndarray:
+        col = (c >= fx0 + inset) & (c <= fx1 - inset)
+        row = (c >= fy0 + inset) & (c <= fy1 - inset)
+        return row[:, None] & col[None, :]
+
+    d2 = _radius2(size)
+    circle = d2 <= 1.0
+    visible = float((circle & in_frame(0.0)).sum() / max(int(circle.sum()), 1))
+    inset = max(2.0, size / 64.0)
+    inner = (d2 <= 0.88**2) & in_frame(inset)
+    outside = (d2 >= 1.06**2) & in_frame(inset / 2)
+    return _Masks(inner, outside, visible)
+
+
+# --------------------------------------------------------------------------------------------- filters
+def _max_filter(a: np.ndarray, k: int) -> np.ndarray:
+    """k x k maximum over the window clipped to the array (the same as replicating the edges)."""
+    out = a.copy()
+    for d in range(1, k // 2 + 1):
+        np.maximum(out[d:], a[:-d], out=out[d:])
+        np.maximum(out[:-d], a[d:], out=out[:-d])
+    res = out.copy()
+    for d in range(1, k // 2 + 1):
+        np.maximum(res[:, d:], out[:, :-d], out=res[:, d:])
+        np.maximum(res[:, :-d], out[:, d:], out=res[:, :-d])
+    return res
+
+
+def _min_filter(a: np.ndarray, k: int) -> np.ndarray:
+    return -_max_filter(-a, k)
+
+
+def _smooth121(a: np.ndarray) -> np.ndarray:
+    """Separable [1 2 1]/4 smoothing (a Gaussian of sigma ~0.7 px), valid region only: (S-2) x (S-2)."""
+    rows = a[:, :-2] + 2.0 * a[:, 1:-1] + a[:, 2:]
+    return (rows[:-2] + 2.0 * rows[1:-1] + rows[2:]) * (1.0 / 16.0)
+
+
+def _kth(values: np.ndarray, q: float) -> float:
+    """The q-quantile (0..1) by partial sort: cheaper than np.percentile, no interpolation."""
+    if values.size == 0:
+        return 0.0
+    k = min(int(q * values.size), values.size - 1)
+    return float(np.partition(values, k)[k])
+
+
+def _block_reduce(a: np.ndarray, block: int) -> np.ndarray:
+    """Means of non-overlapping block x block tiles (the ragged edge is dropped)."""
+    s = a.shape[0] // block * block
+    n = s // block
+    return a[:s, :s].reshape(s, n, block).sum(axis=2).reshape(n, block, n).sum(axis=1) * (1.0 / (block * block))
+
+
+# --------------------------------------------------------------------------------------------- measures
+_DARK_FLOOR = 25.0  # grey levels: relative measures never divide by less (guards dark, noisy frames)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# For a normal variable, E|X| over the lower half of |X|, divided by its standard deviation.
+_LOWER_HALF_MEAN = 0.3248
+# Directions for the re-blur sharpness: (dy, dx) steps of the fine and the coarse difference.
+_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[int, int]) -> dict[str, float]:
+    """All measures of one quality crop (square RGB, the field of view's bounding square)."""
+    w, h = decoded_size
+    out: dict[str, float] = {
+        "fov_found": 1.0 if fov.found else 0.0,
+        "fov_size": 2.0 * fov.radius / min(w, h),
+        "fov_centring": math.hypot(fov.cx - w / 2.0, fov.cy - h / 2.0) / max(fov.radius, 1.0),
+    }
+    # Box-averaged copies: quarter resolution (RGB) for illumination and colour, half resolution (green) for
+    # contrast and vessels, full resolution (green) for noise and focus.
+    hs, qs = image.size[0] // 2, image.size[0] // 4
+    mh = _masks(fov, decoded_size, hs)
+    mq = _masks(fov, decoded_size, qs)
+    out["fov_visible"] = mh.visible
+    inner_h, inner_q = mh.inner, mq.inner
+    if int(inner_h.sum()) < 0.05 * hs * hs:  # no usable retina (field of view almost out of the frame)
+        inner_h = np.zeros_like(inner_h)
+        inner_h[hs // 4: 3 * hs // 4, hs // 4: 3 * hs // 4] = True
+        inner_q = inner_h[::2, ::2][:qs, :qs]
+    if int(inner_q.sum()) < 16:  # a sliver of retina: the half-resolution mask, subsampled
+        inner_q = inner_h[::2, ::2][:qs, :qs]
+    rgb_q = np.asarray(image.reduce(4), dtype=np.float32)[:qs, :qs]  # (reduce rounds odd sizes up)
+    luma = rgb_q @ _LUMA
+    y_in = luma[inner_q]
+    mean_y = float(y_in.mean()) if y_in.size else 0.0
+    # Field-of-view surround: a fundus camera's circle sits on black.
+    out["fov_border"] = (float(luma[mq.outside].mean()) / max(mean_y, _DARK_FLOOR)
+                         if mq.outside.sum() >= 0.005 * qs * qs else 0.0)
+    # Exposure and illumination.
+    out["brightness"] = mean_y / 255.0
+    out["saturated"] = float((y_in >= 235.0).mean()) if y_in.size else 0.0
+    out["dark_area"] = _dark_area(luma, inner_q, max(2, qs // 14))
+
+    # Green channel at half resolution: local contrast and vessel visibility (black top-hat).
+    g8 = image.getchannel("G")
+    g_h = np.asarray(g8.reduce(2), dtype=np.float32)[:hs, :hs]
+    mean_g = max(float(g_h[inner_h].mean()), _DARK_FLOOR)
+    blk = max(4, hs // 16)
+    gb = _block_reduce(g_h, blk)
+    local_var = np.maximum(_block_reduce(g_h * g_h, blk) - gb * gb, 0.0)
+    inner_b = _block_reduce(inner_h.astype(np.float32), blk) >= 0.99
+    out["contrast"] = (math.sqrt(float(local_var[inner_b].mean())) / mean_g) if inner_b.any() else 0.0
+    k = max(3, (hs // 28) | 1)
+    closing = _min_filter(_max_filter(g_h, k), k)
+    tophat = ((closing - g_h) / np.maximum(closing, _DARK_FLOOR))[inner_h]
+    out["vessels"] = _kth(tophat, 0.98)
+
+    # Colour plausibility of a retina, on lit pixels.
+    sub = rgb_q[inner_q]
+    lit = sub[y_in > 20.0]
+    if len(lit) < 0.05 * len(sub) or len(lit) < 16:
+        lit = sub
+    r, gg, b = lit[:, 0], lit[:, 1], lit[:, 2]
+    out["red_share"] = float(r.sum() / max(float(lit.sum()), 1.0))
+    out["channel_order"] = float(((r >= gg) & (gg + 4.0 >= b)).mean())
+    x = r - 0.5 * (gg + b)
+    yv = 0.8660254 * (gg - b)
+    total_c = float(np.hypot(x, yv).sum())
+    if total_c <= 1e-6:
+        out["hue_spread"] = 180.0
+    else:  # circular std of the hue, weighted by chroma: sum(c cos h) = sum(x), sum(c sin h) = sum(y)
+        rho = math.hypot(float(x.sum()), float(yv.sum())) / total_c
+        out["hue_spread"] = math.degrees(math.sqrt(-2.0 * math.log(max(rho, 1e-9))))
+
+    # Full resolution, green channel: noise and focus, sampled on the 2 x 2 lattice of centres (2i+1, 2j+1),
+    # which are the half-resolution pixels (i, j): the half-resolution mask says which lie in the field of view.
+    # Every other row of those centres is enough for the statistics.
+    g = np.asarray(g8, dtype=np.float32)
+    sample = inner_h.copy()
+    sample[1::2] = False
+    # Immerkaer's noise kernel [1 -2 1] x [1 -2 1]
+    d2x = g[:, 0:-2:2] - 2.0 * g[:, 1:-1:2] + g[:, 2::2]
+    resp = np.abs(d2x[0:-2:2] - 2.0 * d2x[1:-1:2] + d2x[2::2])
+    resp = resp[sample[: resp.shape[0], : resp.shape[1]]]
+    lower = np.partition(resp, resp.size // 2)[: resp.size // 2] if resp.size >= 2 else resp
+    out["noise"] = float(lower.mean()) / (_LOWER_HALF_MEAN * 6.0) if lower.size else 0.0
+    out["sharpness"] = _sharpness(g, sample)
+    return out
+
+
+def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
+    """Re-blur sharpness (after Crete-Roffet et al. 2007), the least over four directions (motion blur).
+
+    On the strongest coarse-scale edges of a direction, how much of the fine-scale difference survives a
+    further blur: sharp edges lose much, blurred ones little. Noise does not survive to the coarse scale, so
+    it does not pick the edges; the ratio cancels contrast. Sampled at the centres (2i+1, 2j+1) of the
+    half-resolution pixels (i, j) of the field of view (``inner_h``).
+    """
+    h, w = g.shape
+    m = 5  # the coarse image reaches 3 px, its 2-px difference 2 px further
+    iy, ix = np.nonzero(inner_h)
+    py, px = iy * 2 + 1, ix * 2 + 1
+    keep = (py >= m) & (py < h - m) & (px >= m) & (px < w - m)
+    py, px = py[keep], px[keep]
+    if py.size < 64:
+        return 0.0
+    y0, y1, x0, x1 = int(py.min()) - m, int(py.max()) + m + 1, int(px.min()) - m, int(px.max()) + m + 1
+    fine = _smooth121(g[y0:y1, x0:x1])  # sigma ~0.7 px; index i <-> position i + 1
+    coarse = _smooth121(_smooth121(fine))  # sigma ~1.2 px; index i <-> position i + 3
+    wf, wc = (x1 - x0) - 2, (x1 - x0) - 6
+    at_f = (py - y0 - 1) * wf + (px - x0 - 1)
+    at_c = (py - y0 - 3) * wc + (px - x0 - 3)
+    ff, cf = fine.ravel(), coarse.ravel()
+    here_f, here_c = ff[at_f], cf[at_c]
+    best = 1.0
+    for dy, dx in _DIRECTIONS:
+        d_fine = np.abs(ff[at_f + (dy * wf + dx)] - here_f)
+        d_coarse = np.abs(cf[at_c + 2 * (dy * wc + dx)] - here_c) * 0.5
+        edges = d_coarse >= max(_kth(d_coarse[::4], 0.9), 0.5)  # an approximate top decile is enough
+        total = float(d_fine[edges].sum())
+        if total <= 0:
+            return 0.0
+        best = min(best, float(np.maximum(d_fine[edges] - d_coarse[edges], 0.0).sum()) / total)
+    return best
+
+
+def _dark_area(luma: np.ndarray, inner: np.ndarray, block: int) -> float:
+    """Fraction of well-covered blocks whose mean luma is below 30 % of the 90th-percentile block."""
+    cover = _block_reduce(inner.astype(np.float32), block)
+    sums = _block_reduce(luma * inner, block)
+    ok = cover >= 0.75
+    if ok.sum() < 4:
+        return 0.0
+    means = sums[ok] / cover[ok]
+    ref = max(_kth(means, 0.9), _DARK_FLOOR)
+    return float((means < 0.3 * ref).mean())
+
+
+# --------------------------------------------------------------------------------------------- decision
+def judge(measures: Mapping[str, float], spec: QualitySpec) -> QualityResult:
+    """Compare measures with the spec's bounds: failed measures, reasons, hint and the combined score."""
+    margins: dict[str, float] = {}
+    failed: list[str] = []
+    for name in MEASURES:
+        b = spec.bounds.get(name)
+        if b is None or name not in measures:
+            continue
+        mg = b.margin(measures[name])
+        if math.isnan(mg):  # an unmeasurable image is not gradable
+            mg = -math.inf
+        margins[name] = mg
+        if mg < 0:
+            failed.append(name)
+    worst = min((v for v in margins.values() if v != math.inf), default=10.0)
+    score = 1.0 / (1.0 + math.exp(-max(min(worst, 30.0), -30.0)))
+    groups = {n: _group(n, measures[n], spec.bounds[n]) for n in failed}
+    # "Not a fundus" needs strong evidence: no dark surround, or two colour measures out. One colour measure
+    # alone is as likely a washed-out or tinted retina, better explained by the other failures.
+    not_fundus = [n for n in failed if groups[n] == "not-fundus"]
+    strong = len(not_fundus) >= 2 or bool({"fov_found", "fov_border"} & set(not_fundus))
+    order = list(HINTS)
+
+    def rank(n: str) -> tuple[int, int]:
+        g = groups[n]
+        weak = g == "not-fundus" and not strong
+        return (len(order) if weak else order.index(g), list(MEASURES).index(n))
+
+    failed.sort(key=rank)  # the darkness guard: a dark frame is reported as dark, not as blurred or noisy
+    reasons = []
+    for n in failed:
+        b = spec.bounds[n]
+        low = b.min is not None and measures[n] < b.min
+        info = MEASURES[n]
+        text = info.too_low if low else info.too_high
+        if text == "-":  # a bound on a side the defaults leave open (a calibrated spec may set one)
+            text = "too low" if low else "too high"
+        reasons.append(f"{n}: {text} "
+                       f"({measures[n]:.3g} {'<' if low else '>'} {b.min if low else b.max:.3g})")
+    hint = HINTS[groups[failed[0]]] if failed else None
+    return QualityResult(dict(measures), margins, failed, score, reasons, hint)
+
+
+def _group(name: str, value: float, bounds: Bounds) -> str:
+    if name == "brightness":
+        return "dark" if bounds.min is not None and value < bounds.min else "bright"
+    return MEASURES[name].group
+
+
+def assess(pre: Preprocessed, spec: QualitySpec) -> QualityResult:
+    """Judge the quality of a preprocessed image (``preprocess(..., quality_size=spec.size)``)."""
+    t0 = time.perf_counter()
+    image = pre.quality_image
+    if image is None or image.size[0] != spec.size:
+        raise UsageError(f"preprocess the image with quality_size={spec.size} before assessing its quality")
+    result = judge(compute_measures(image, pre.fov, pre.decoded_size), spec)
+    result.timings_ms = (time.perf_counter() - t0) * 1e3
+    return result
+
+
+def assess_source(source: str | os.PathLike[str] | bytes | Image.Image, spec: QualitySpec,
+                  preprocessing: PreprocessSpec | None = None) -> tuple[QualityResult, Preprocessed]:
+    """Decode, preprocess and judge one image. Raises :class:`~fundus_edge.errors.ImageError` for bad files."""
+    pre = preprocess(source, preprocessing or PreprocessSpec(), quality_size=spec.size)
+    return assess(pre, spec), pre
+
+
+__all__ = ["DEFAULT_BOUNDS", "HINTS", "MEASURES", "Bounds", "QualityResult", "QualitySpec", "assess",
+           "assess_source", "compute_measures", "judge", "load_quality_spec"]

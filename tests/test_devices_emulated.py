@@ -1,0 +1,160 @@
+"""The emulated Raspberry Pi 4: real aarch64 wheels under QEMU user mode, parity with x86, the offline package.
+
+The emulation root is built once per run into the user cache dir (``emulate setup``); when it cannot be built
+(no qemu-user/debootstrap, no network to the Debian mirror or PyPI) these tests FAIL with the reason: CI must
+not pass without the emulated device. ``make emulation-tools`` installs the host tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fundus_edge.cli import main
+from fundus_edge.devices import get_profile
+from fundus_edge.errors import FundusEdgeError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def emulation_root() -> Path:
+    from fundus_edge.devices.emuroot import setup
+
+    try:
+        res = setup(log=lambda s: print(s, file=sys.stderr))
+    except FundusEdgeError as exc:
+        pytest.fail(f"the aarch64 emulation root could not be built ({type(exc).__name__}): {exc}\n"
+                    "Install the host tools with 'make emulation-tools' (root, apt) and allow access to the "
+                    "Debian mirror and PyPI.", pytrace=False)
+    print(f"emulation root: {res.to_dict()}", file=sys.stderr)
+    return res.base
+
+
+@pytest.fixture(scope="module")
+def pi4_images(synth_val: Path, real_photos: list[Path]) -> list[str]:
+    """~20 images: 15 synthetic fundus photographs and the 5 CC0 real ones."""
+    return [*map(str, sorted(synth_val.parent.glob("*.jpg"))[:15]), *map(str, real_photos[:5])]
+
+
+@pytest.fixture(scope="module")
+def pi4_report(built: Any, emulation_root: Path, pi4_images: list[str]) -> Any:
+    from fundus_edge.devices.emulate import EmulateConfig, run_emulate
+
+    return run_emulate(EmulateConfig(profile=get_profile("rpi4"), bundle=built.out, images=pi4_images,
+                                     precision="int8"), log=lambda s: print(s, file=sys.stderr))
+
+
+def test_second_setup_reuses_the_cache(emulation_root: Path) -> None:
+    from fundus_edge.devices.emuroot import setup
+
+    res = setup(log=lambda s: None)
+    assert res.rootfs_reused and all(res.sites_reused.values())
+    assert res.versions["machine"] == "aarch64" and res.versions["onnxruntime"]
+    print(f"cached setup: {res.seconds:.1f} s", file=sys.stderr)
+
+
+def test_emulated_pi4_int8_matches_x86(pi4_report: Any, pi4_images: list[str]) -> None:
+    import onnxruntime
+
+    rep = pi4_report
+    assert rep.artifacts == ["onnx-int8"]
+    doc = rep.to_dict()
+    emu = doc["emulated"]
+    assert emu["machine"] == "aarch64" and emu["cpu"] == "cortex-a72"
+    assert emu["versions"]["onnxruntime"] == onnxruntime.__version__  # the same version, built for aarch64
+    [par] = rep.parities
+    assert par and par.n == len(pi4_images) == 20
+    assert par.lsb and par.max_lsb is not None and par.max_lsb <= 1.0
+    assert par.compare.decision_agreement == 1.0
+    native = doc["native"]["onnx-int8"]["results"]
+    arm = emu["artifacts"]["onnx-int8"]["results"]
+    assert [r["decision"] for r in arm] == [r["decision"] for r in native]
+    assert all(r["ok"] for r in arm)
+    assert rep.fits_ok and doc["parity_ok"]
+    text = rep.text()
+    assert "parity x86_64 vs arm64" in text and "PASS" in text
+    assert "not device" in text and " ms" not in text  # emulator time is never shown as latency
+    print(text, file=sys.stderr)
+
+
+def test_a_parity_failure_exits_non_zero(pi4_report: Any, pi4_images: list[str], built: Any,
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The emulated outputs of the real run, moved by two output LSBs on one image, must fail the command."""
+    from fundus_edge.devices import emulate as emulate_mod
+    from fundus_edge.devices.parity import parity
+
+    rep = pi4_report
+    [ok] = rep.parities
+    assert rep.emulated is not None
+    moved = rep.emulated.outputs["onnx-int8"].copy()
+    moved[0, 0] += 2 * ok.lsb
+    nat = rep.native["onnx-int8"]
+    bad = parity("onnx-int8", "int8", nat.outputs["onnx-int8"], moved, nat.result["artifacts"]["onnx-int8"]["results"],
+                 rep.emulated.result["artifacts"]["onnx-int8"]["results"], rep.bundle.positive_classes,
+                 rep.bundle.operating_point.threshold, ok.lsb)
+    assert not bad and bad.max_lsb == pytest.approx(2.0, abs=1e-3)
+    monkeypatch.setattr(emulate_mod, "run_emulate", lambda cfg, log=None: dataclasses.replace(rep, parities=[bad]))
+    code = main(["emulate", "--device", "rpi4", "--bundle", str(built.out), "--precision", "int8", *pi4_images])
+    captured = capsys.readouterr()
+    assert code == 11
+    assert "FAIL" in captured.out and "parity failed for onnx-int8" in captured.err
+
+
+def test_offline_package_installs_and_screens_in_the_emulated_pi4(built: Any, emulation_root: Path,
+                                                                  real_photos: list[Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "dist" / "rpi4"
+    assert main(["package", "--device", "rpi4", "--bundle", str(built.out), "--out", str(out), "--json"]) == 0
+    pkg = json.loads(capsys.readouterr().out)
+    assert Path(pkg["tarball"]).is_file() and (out / "install.sh").is_file() and (out / "SHA256SUMS").is_file()
+    reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
+    assert all("==" in r and "--hash=sha256:" in r for r in reqs)
+    wheels = {w.name.split("-")[0] for w in (out / "wheelhouse").glob("*.whl")}
+    assert {"fundus_edge", "numpy", "pillow", "onnxruntime", "pip"} <= wheels
+    assert all("aarch64" in w.name or "none-any" in w.name or "abi3" in w.name
+               for w in (out / "wheelhouse").glob("*.whl"))
+    config = json.loads((out / "device.json").read_text())
+    assert config["device"] == "rpi4" and config["artifact"] == pkg["artifact"]["artifact_id"]
+    assert any((out / "systemd").iterdir())
+    print(f"package: {pkg['megabytes']} MB, wheelhouse {pkg['wheelhouse_megabytes']} MB", file=sys.stderr)
+
+    imgs = [str(real_photos[0]), str(real_photos[-1])]
+    code = main(["emulate", "--device", "rpi4", "--install-package", str(out), *imgs, "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    screen = doc["screen"]
+    assert screen["artifact"] == config["artifact"] and screen["summary"]["errors"] == 0
+    from fundus_edge.runtime import load
+
+    with load(built.out, artifact=config["artifact"]) as s:
+        here = [s.screen(i) for i in imgs]
+    got = screen["results"]
+    assert [r["decision"] for r in got] == [h.decision for h in here]
+    assert np.allclose([r["probability"] for r in got], [h.probability for h in here], atol=1e-4)
+    print(f"emulated install {doc['install_emulator_seconds']} s, screen "
+          f"{doc['screen_emulator_seconds_not_device_latency']} s (emulator time)", file=sys.stderr)
+
+
+def test_doctor_inside_the_emulated_pi_zero(emulation_root: Path) -> None:
+    """doctor on the arm64 Python names the board from the view's device tree and imports the aarch64 backends."""
+    import subprocess
+
+    from fundus_edge.devices.emuroot import open_root
+
+    root = open_root(emulation_root.parent.parent)
+    cmd, env = root.python_command(get_profile("rpi-zero-2w"), ["-m", "fundus_edge", "doctor", "--json"])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert doc["profile"] == "rpi-zero-2w" and doc["detection"]["matched_by"] == "device-tree"
+    assert doc["system"]["machine"] == "aarch64"
+    assert doc["detection"]["evidence"]["cpu_cores"] == ["Cortex-A53"]
+    checks = {c["what"]: c for c in doc["checks"]}
+    assert checks["onnxruntime"]["ok"] and checks["litert"]["ok"]
