@@ -55,18 +55,31 @@ def sql_scalar(db: Path, query: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
+def _trimmed_rss() -> int:
+    """RSS after asking glibc to hand freed heap back to the kernel, so the number is live memory, not what
+    the allocator kept after the last large decode (that swings by tens of MiB from case to case)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the plain RSS
+        pass
+    return rss_bytes()
+
+
 def _fuzz_worker(conn: Any, bundle: str | None) -> None:
-    """Runs in a child process: screen (or only preprocess) each input it is sent; reply with the outcome and
-    this process's RSS. A native crash ends the process, which the parent sees and counts."""
+    """Runs in a child process: screen (or only preprocess) each input it is sent; reply with the outcome and,
+    when asked, this process's RSS. A native crash ends the process, which the parent sees and counts."""
     from .runtime import load
     from .runtime.preprocess import PreprocessSpec, preprocess
 
     screener = load(bundle) if bundle else None
     spec = PreprocessSpec()
     while True:
-        msg = conn.recv()
-        if msg is None:
+        req = conn.recv()
+        if req is None:
             break
+        msg, measure = req
         try:
             if screener is not None:
                 r = screener.screen(msg)
@@ -78,7 +91,7 @@ def _fuzz_worker(conn: Any, bundle: str | None) -> None:
             outcome = exc.code if screener is None else f"raised:ImageError:{exc.code}"
         except Exception as exc:  # what the fuzzer looks for
             outcome = f"raised:{type(exc).__name__}: {exc}"[:300]
-        conn.send((outcome, rss_bytes()))
+        conn.send((outcome, _trimmed_rss() if measure else None))
     if screener is not None:
         screener.close()
 
@@ -99,13 +112,14 @@ class _Worker:
         child.close()
         self.starts += 1
 
-    def run(self, data: bytes, timeout: float) -> tuple[str, int | None]:
-        """(outcome, worker RSS); outcome "crashed:<exit code>" or "hung" when the worker died or stalled."""
+    def run(self, data: bytes, timeout: float, measure: bool = False) -> tuple[str, int | None]:
+        """(outcome, worker RSS when ``measure``); outcome "crashed:<exit code>" or "hung" when the worker
+        died or stalled."""
         try:
-            self.conn.send(data)
+            self.conn.send((data, measure))
             if self.conn.poll(timeout):
                 outcome, rss = self.conn.recv()
-                return str(outcome), int(rss)
+                return str(outcome), rss
             outcome = "hung"
         except (EOFError, OSError):
             outcome = "crashed"
@@ -134,8 +148,9 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
     native crash of the worker, or a case running past ``case_timeout``; such inputs are written to
     ``failures_dir``. The worker is a separate process so that a crash is counted rather than ending the run,
     and so that its memory is the screener's alone: hypothesis keeps every example's choices and grows by
-    ~10 MiB per 1,000 examples in its own process. The worker's RSS is sampled every 100 cases; growth is the
-    median of the last 1,000 cases' samples minus the median over cases 1,000-2,000 (after warm-up)."""
+    ~10 MiB per 1,000 examples in its own process. Every 100 cases the worker returns freed heap to the kernel
+    (glibc ``malloc_trim``) and reports its RSS; growth is the median of the samples over the last 1,000 cases
+    minus the median over cases 1,000-2,000 (after warm-up)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
@@ -159,8 +174,8 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
         name, data = seeds[which]
         data = mutate(data, mutation)
         per_seed[name.split(":")[0]] += 1
-        outcome, mem = worker.run(data, case_timeout)
         done = sum(codes.values()) + len(uncaught) + 1
+        outcome, mem = worker.run(data, case_timeout, measure=done % 100 == 0 or done == n)
         if outcome.startswith(("raised:", "crashed", "hung")):
             digest = hashlib.sha256(data).hexdigest()[:16]
             uncaught.append({"seed": name, "outcome": outcome, "input": digest})
@@ -169,7 +184,7 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
                 (failures_dir / f"{digest}.bin").write_bytes(data)
         else:
             codes[outcome] += 1
-        if mem is not None and (done % 100 == 0 or done == n):
+        if mem is not None:
             rss.append((done, mem))
         if done % 2000 == 0:
             log(f"  fuzz: {done}/{n} cases, {len(uncaught)} uncaught, worker RSS {rss[-1][1] / 2**20:.1f} MiB")
@@ -179,8 +194,7 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
     finally:
         worker.close()
     total = sum(codes.values()) + len(uncaught)
-    # One case can leave the allocator holding a large decode for a while, so single samples swing by tens of
-    # MiB; a leak moves the typical level. Compare medians: cases 1,000-2,000 against the last 1,000 cases.
+    # Medians of ten samples each: cases 1,000-2,000 against the last 1,000 cases.
     first = [r for c, r in rss if 1000 <= c <= 2000] or [r for _, r in rss[:10]]
     last = [r for c, r in rss if c > total - 1000] or [r for _, r in rss[-10:]]
     base, end = (float(statistics.median(x)) if x else 0.0 for x in (first, last))

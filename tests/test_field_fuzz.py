@@ -87,6 +87,7 @@ def test_fuzz_worker_crash_is_counted_not_fatal() -> None:
     w = _Worker(None)
     try:
         assert w.run(SEEDS[0][1], 60)[0] == "ok"
+        assert (w.run(SEEDS[0][1], 60, measure=True)[1] or 0) > 10 << 20
         w.proc.kill()  # stands in for a native crash inside a decoder
         w.proc.join()
         outcome, rss = w.run(SEEDS[0][1], 60)
