@@ -62,16 +62,28 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from .runtime import expand_inputs, load
     from .runtime.backends import FORMATS_BY_BACKEND
 
-    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
-        return screen_field(args)
-    if not args.inputs:
-        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
     fmt = args.format
     if args.backend:
         if fmt and FORMATS_BY_BACKEND[args.backend] != fmt:
             raise UsageError(f"--backend {args.backend} runs {FORMATS_BY_BACKEND[args.backend]} files, "
                              f"not --format {fmt}")
         fmt = FORMATS_BY_BACKEND[args.backend]
+    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
+        if args.device:  # the profile picks the artifact (unless given) and the thread count (unless given)
+            from .devices import resolve_device
+            from .devices.profile import choose_artifact, runnable_formats
+            from .runtime.bundle import load_bundle
+
+            profile = resolve_device(args.device)
+            if not (args.artifact or fmt or args.precision):
+                b = load_bundle(args.bundle)
+                args.artifact = choose_artifact(profile, b.artifacts, b.manifest, runnable_formats()).artifact_id
+            if args.threads is None:
+                args.threads = profile.backend_settings(threads=None).threads
+        args.format = fmt
+        return screen_field(args)
+    if not args.inputs:
+        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
     sources = expand_inputs(args.inputs)
     bundle: Any = args.bundle
     artifact, settings = args.artifact, None

@@ -153,7 +153,7 @@ def screen_field(args: argparse.Namespace) -> int:
         store = ResultStore(args.store) if args.store else None
         session = open_session(args.bundle, policy=policy, store=store, audit=audit, artifact=args.artifact,
                                fmt=args.format, precision=args.precision,
-                               settings=BackendSettings(threads=args.threads),
+                               settings=BackendSettings(threads=1 if args.threads is None else args.threads),
                                mode="watch" if args.watch is not None else "batch")
         if policy.active and not session.status.signed:
             print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
