@@ -16,9 +16,10 @@ import importlib.util
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from .errors import ImageError, MissingDependencyError, ParityError, UsageError
 
@@ -34,6 +35,8 @@ class _Inputs:
 
 
 def _prepare(images: list[str], n_synthetic: int, seed: int, spec: Any) -> _Inputs:
+    import numpy as np
+
     from .datasets.synthetic import iter_dataset
     from .runtime import expand_inputs, preprocess
 
@@ -75,6 +78,7 @@ def _versions() -> dict[str, str]:
 
 
 def _run_pytorch(args: argparse.Namespace, bundle: Any, x: np.ndarray, notes: list[str]) -> np.ndarray | None:
+
     model_ref = args.model or bundle.manifest["model"].get("source")
     if importlib.util.find_spec("torch") is None:
         if args.model:
@@ -95,6 +99,8 @@ def _run_pytorch(args: argparse.Namespace, bundle: Any, x: np.ndarray, notes: li
 def _run_artifacts(args: argparse.Namespace, bundle: Any, inputs: _Inputs, oset: Any,
                    notes: list[str]) -> dict[str, str]:
     """Each chosen artifact through its runtime backend; returns int8 coverage lines by artifact id."""
+    import numpy as np
+
     from .runtime.backends import BackendSettings, create_backend
     from .runtime.preprocess import relayout
 

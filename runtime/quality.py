@@ -415,9 +415,8 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
     if total_c <= 1e-6:
         out["hue_spread"] = 180.0
     else:  # circular std of the hue, weighted by chroma: sum(c cos h) = sum(x), sum(c sin h) = sum(y)
-        # rho <= 1 in exact arithmetic; a single-hue picture rounds it just above 1 (log > 0: math domain error)
-        rho = min(math.hypot(float(x.sum()), float(yv.sum())) / total_c, 1.0)
-        out["hue_spread"] = math.degrees(math.sqrt(-2.0 * math.log(max(rho, 1e-9))))
+        rho = math.hypot(float(x.sum()), float(yv.sum())) / total_c
+        out["hue_spread"] = math.degrees(math.sqrt(-2.0 * math.log(min(max(rho, 1e-9), 1.0))))  # rho may round past 1
 
     # Full resolution, green channel: noise and focus, sampled on the 2 x 2 lattice of centres (2i+1, 2j+1),
     # which are the half-resolution pixels (i, j): the half-resolution mask says which lie in the field of view.
