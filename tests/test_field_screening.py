@@ -342,8 +342,7 @@ def test_patient_fields_need_a_store(built: Any, real_photos: list[Path], capsys
 def test_cli_registration_stays_cheap() -> None:
     from fundus_edge.runtime.watch import AFTER_CHOICES
 
-    code = ("import argparse, sys; from fundus_edge import cli_field; sub = argparse.ArgumentParser()"
-            ".add_subparsers(); sub.add_parser('screen'); sub.add_parser('build'); cli_field.register(sub);"
+    code = ("import sys; from fundus_edge.cli import make_parser; p = make_parser();"
             "print([m for m in ('numpy', 'PIL', 'sqlite3', 'cryptography', 'onnxruntime') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
