@@ -83,7 +83,7 @@ def _fuzz_worker(conn: Any, bundle: str | None) -> None:
         try:
             if screener is not None:
                 r = screener.screen(msg)
-                outcome = r.error["code"] if r.error else "ok"
+                outcome = r.error["code"] if r.error else ("ungradable" if r.decision == "ungradable" else "ok")
             else:
                 preprocess(msg, spec)
                 outcome = "ok"
@@ -198,7 +198,7 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
     first = [r for c, r in rss if 1000 <= c <= 2000] or [r for _, r in rss[:10]]
     last = [r for c, r in rss if c > total - 1000] or [r for _, r in rss[-10:]]
     base, end = (float(statistics.median(x)) if x else 0.0 for x in (first, last))
-    unknown = sorted(set(codes) - set(IMAGE_ERROR_CODES) - {"ok"})
+    unknown = sorted(set(codes) - set(IMAGE_ERROR_CODES) - {"ok", "ungradable"})
     return {"cases": total, "uncaught": len(uncaught), "uncaught_examples": uncaught[:10], "outcomes": dict(codes),
             "unknown_codes": unknown, "seeds": dict(per_seed), "through": "screener" if bundle else "preprocess",
             "worker_starts": worker.starts, "rss_mib_median_cases_1000_2000": round(base / 2**20, 2),

@@ -22,13 +22,14 @@ from PIL import Image
 from .synthetic import generate
 
 OK = "ok"
+UNGRADABLE = "ungradable"
 
 
 @dataclass(frozen=True)
 class BadInput:
     name: str  # file name, extension included (the extension is part of the case: "wrong extension")
     data: bytes
-    expect: str  # "ok" (screened, whatever the decision) or the stable ImageError code
+    expect: str  # "ok" (screened, whatever the decision), "ungradable" (the quality gate's decision), or the code
     what: str
 
 
@@ -109,9 +110,9 @@ def corpus() -> list[BadInput]:
         BadInput("tiny.png", _encode(base.resize((8, 8)), "PNG"), "too-small", "8 x 8 pixels"),
         BadInput("strip.png", _encode(Image.new("RGB", (32, 16000), (180, 80, 40)), "PNG"), OK,
                  "32 x 16000 strip (extreme aspect ratio: its square crop would be 256 megapixels)"),
-        BadInput("not-fundus.jpg", _encode(_not_fundus(), "JPEG", quality=90), OK,
-                 "a photograph that is not a fundus image (screened; the quality gate judges it)"),
-        BadInput("black.png", _encode(Image.new("RGB", (400, 300)), "PNG"), OK, "an all-black frame"),
+        BadInput("not-fundus.jpg", _encode(_not_fundus(), "JPEG", quality=90), UNGRADABLE,
+                 "a photograph that is not a fundus image: the quality gate's 'ungradable', with its reasons"),
+        BadInput("black.png", _encode(Image.new("RGB", (400, 300)), "PNG"), UNGRADABLE, "an all-black frame"),
     ]
     return cases
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from fundus_edge.cli import main, make_parser
-from fundus_edge.datasets.badinputs import OK, corpus, fundus_jpeg, write_corpus
+from fundus_edge.datasets.badinputs import OK, UNGRADABLE, corpus, fundus_jpeg, write_corpus
 from fundus_edge.errors import IMAGE_ERROR_CODES, StoreError
 from fundus_edge.reliability import _cli, run_kill_test
 from fundus_edge.reliability import sql_scalar as _sql
@@ -60,19 +60,27 @@ def test_bad_inputs_batch_continues_and_store_records_each(built: Any, tmp_path:
     code = main(["screen", "--bundle", str(built.out), "--store", str(db), str(tmp_path / "in"), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 10  # some images failed, the others were screened
-    got = {Path(r["source"]).name: (r["error"]["code"] if r["error"] else OK) for r in doc["results"]}
+    def outcome(error_code: str | None, decision: str | None, name: str) -> str:
+        if error_code:
+            return error_code
+        return UNGRADABLE if decision == UNGRADABLE and expected[name] == UNGRADABLE else OK
+
     expected = {name: c.expect for name, c in cases.items()} | {real_photos[0].name: OK}
-    assert got == expected
-    assert "internal-error" not in got.values()  # every bad input got its specific code
+    got = {Path(r["source"]).name: r for r in doc["results"]}
+    got_outcomes = {n: outcome(r["error"] and r["error"]["code"], r.get("decision"), n) for n, r in got.items()}
+    assert got_outcomes == expected
+    assert "internal-error" not in got_outcomes.values()  # every bad input got its specific code
+    assert all(got[n]["quality"]["reasons"] for n, e in expected.items() if e == UNGRADABLE)  # and says why
     with ResultStore(db) as s:
         rows = {Path(r.source).name: r for r in s.rows()}
-        assert {n: (r.error_code or OK) for n, r in rows.items()} == expected
+        assert {n: outcome(r.error_code, r.decision, n) for n, r in rows.items()} == expected
+        assert all(rows[n].quality for n, e in expected.items() if e == UNGRADABLE)  # the quality dict is stored
         assert all(r.image_sha256 and len(r.image_sha256) == 64 for r in rows.values())
         assert rows[real_photos[0].name].decision in ("refer", "no-refer")
         assert s.integrity_check() == ["ok"]
     events = _audit_events(tmp_path / "r.audit.jsonl")
     errors = [e for e in events if e["event"] == "image-error"]
-    assert len(errors) == sum(1 for v in expected.values() if v != OK)
+    assert len(errors) == sum(1 for v in expected.values() if v not in (OK, UNGRADABLE))
     assert all("source" not in e and "message" not in e for e in errors)  # code and hash, never the path
 
 
