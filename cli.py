@@ -13,7 +13,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,10 @@ def _format_result(r: Any) -> str:
             f"  decode {t['decode']:.1f} ms, preprocess {t['preprocess']:.1f} ms, infer {t['infer']:.1f} ms{fov}")
 
 
-def cmd_screen(args: argparse.Namespace) -> int:
-    from .cli_field import screen_field, wants_field
-    from .runtime import expand_inputs, load
-    from .runtime.backends import FORMATS_BY_BACKEND
+def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> tuple[str | None, str | None, Any]:
+    """Artifact id, format and backend settings for ``screen`` from --artifact, --format, --backend, --device
+    and --threads. ``get_bundle`` gives the (verified) bundle, needed only when a device profile picks."""
+    from .runtime.backends import FORMATS_BY_BACKEND, BackendSettings
 
     fmt = args.format
     if args.backend:
@@ -68,39 +68,40 @@ def cmd_screen(args: argparse.Namespace) -> int:
             raise UsageError(f"--backend {args.backend} runs {FORMATS_BY_BACKEND[args.backend]} files, "
                              f"not --format {fmt}")
         fmt = FORMATS_BY_BACKEND[args.backend]
-    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
-        if args.device:  # the profile picks the artifact (unless given) and the thread count (unless given)
-            from .devices import resolve_device
-            from .devices.profile import choose_artifact, runnable_formats
-            from .runtime.bundle import load_bundle
-
-            profile = resolve_device(args.device)
-            if not (args.artifact or fmt or args.precision):
-                b = load_bundle(args.bundle)
-                args.artifact = choose_artifact(profile, b.artifacts, b.manifest, runnable_formats()).artifact_id
-            if args.threads is None:
-                args.threads = profile.backend_settings(threads=None).threads
-        args.format = fmt
-        return screen_field(args)
-    if not args.inputs:
-        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
-    sources = expand_inputs(args.inputs)
-    bundle: Any = args.bundle
     artifact, settings = args.artifact, None
     if args.device:  # the device profile picks the artifact (unless given) and the backend settings
         from .devices import resolve_device
         from .devices.profile import choose_artifact, runnable_formats
-        from .runtime.bundle import load_bundle
 
         profile = resolve_device(args.device)
-        bundle = load_bundle(args.bundle)
+        bundle = get_bundle()
         if not (artifact or fmt or args.precision):
             artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
         settings = profile.backend_settings(threads=args.threads)
     if settings is None:
-        from .runtime.backends import BackendSettings
-
         settings = BackendSettings(threads=1 if args.threads is None else args.threads)
+    return artifact, fmt, settings
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from .cli_field import screen_field, wants_field
+    from .runtime import expand_inputs, load
+
+    if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
+        return screen_field(args)
+    if not args.inputs:
+        raise UsageError("give image files or directories to screen (or --watch DIR with --store DB)")
+    sources = expand_inputs(args.inputs)
+    loaded: list[Any] = []
+
+    def load_once() -> Any:
+        from .runtime.bundle import load_bundle
+
+        loaded.append(load_bundle(args.bundle))
+        return loaded[-1]
+
+    artifact, fmt, settings = screen_choices(args, load_once)
+    bundle: Any = loaded[0] if loaded else args.bundle
     screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings)
     with screener:
         results = list(screener.screen_many(sources))

@@ -119,9 +119,9 @@ def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
 
 def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
+    from .cli import screen_choices
     from .runtime import expand_inputs
     from .runtime.audit import AuditLog
-    from .runtime.backends import BackendSettings
     from .runtime.session import Patient, open_session
     from .runtime.store import ResultStore
     from .runtime.watch import WatchOptions
@@ -155,9 +155,8 @@ def screen_field(args: argparse.Namespace) -> int:
     with stop_on_signals(stop, reason):
         try:
             store = ResultStore(args.store) if args.store else None
-            session = open_session(args.bundle, policy=policy, store=store, audit=audit, artifact=args.artifact,
-                                   fmt=args.format, precision=args.precision,
-                                   settings=BackendSettings(threads=1 if args.threads is None else args.threads),
+            session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
+                                   choose=lambda b: screen_choices(args, lambda: b),
                                    mode="watch" if args.watch is not None else "batch")
             if policy.active and not session.status.signed:
                 print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
@@ -189,8 +188,9 @@ def screen_field(args: argparse.Namespace) -> int:
                "store": str(args.store) if args.store else None,
                "results": [_result_dict(r, args.show_patient) for r in results], "summary": summary}
     lines = [head, *map(_line, results)]
-    lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, {n_err} could "
-                 f"not be screened" + (f", {summary['stored']} from the store" if args.store else ""))
+    lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
+                 f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened"
+                 + (f", {summary['stored']} from the store" if args.store else ""))
     if interrupted:
         lines.append(f"interrupted ({reason[0] if reason else 'stop'}): {len(sources) - len(results)} images not "
                      "screened; run the same command again to go on")

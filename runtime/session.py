@@ -12,6 +12,7 @@ import hashlib
 import os
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,22 @@ def _audit_refusal(audit: AuditLog | None, bundle: str | os.PathLike[str], exc: 
                      message=str(exc), policy=policy.to_dict())
 
 
+Choice = Callable[[Bundle], tuple["str | None", "str | None", "BackendSettings | None"]]
+
+
 def open_session(bundle: str | os.PathLike[str], *, policy: TrustPolicy | None = None,
                  store: ResultStore | None = None, audit: AuditLog | None = None, artifact: str | None = None,
                  fmt: str | None = None, precision: str | None = None,
-                 settings: BackendSettings | None = None, mode: str = "batch") -> FieldSession:
-    """Verify (signature per ``policy``, then checksums) and load a bundle. A refusal is audited and raised."""
+                 settings: BackendSettings | None = None, choose: Choice | None = None,
+                 mode: str = "batch") -> FieldSession:
+    """Verify (signature per ``policy``, then checksums) and load a bundle. A refusal is audited and raised.
+
+    ``choose``: called with the verified bundle, returns (artifact, format, settings) in place of the
+    arguments (a device profile picks the artifact from the bundle's list)."""
     policy = policy or TrustPolicy()
     verified, status = check_bundle(bundle, policy, audit)
+    if choose is not None:
+        artifact, fmt, settings = choose(verified)
     try:
         screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings)
     except FundusEdgeError as exc:

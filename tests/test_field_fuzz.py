@@ -65,10 +65,10 @@ def screener(built: Any) -> Any:
 @given(which=st.integers(0, len(SEEDS) - 1), ops=OPS)
 def test_screener_never_raises(screener: Any, which: int, ops: list[tuple[int, int, int]]) -> None:
     r = screener.screen(mutate(SEEDS[which][1], ops))
-    if r.error is None:
-        assert r.decision in ("refer", "no-refer", "ungradable")
-        # a diagnosis carries its probability; an ungradable photo gets none (no inference ran)
-        assert (r.probability is None) == (r.decision == "ungradable")
+    if r.error is None and r.decision == "ungradable":  # the quality gate: no referral decision, no inference
+        assert r.quality is not None and not r.quality["gradable"] and r.probability is None
+    elif r.error is None:
+        assert r.decision in ("refer", "no-refer") and r.probability is not None
     else:
         assert r.error["code"] in IMAGE_ERROR_CODES and r.decision is None
 
