@@ -281,9 +281,16 @@ def test_screen_and_build_take_a_device(built: Any, real_photos: list[Path],
     code = main(["screen", "--device", "rpi4", "--bundle", str(built.out), str(real_photos[0]), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
-    gate = json.loads((built.out / "manifest.json").read_text())["gate"]["summary"]
-    # rpi4 prefers tflite/int8; an ONNX-only bundle degrades to onnx/int8 when it passed the gate
-    assert doc["artifact"] == ("onnx-int8" if gate["onnx-int8"]["passed"] else "onnx-fp32")
+    from fundus_edge.devices.profile import runnable_formats
+
+    manifest = json.loads((built.out / "manifest.json").read_text())
+    gate = manifest["gate"]["summary"]
+    usable = {(a["format"], a["precision"]): a["id"] for a in manifest["artifacts"]
+              if gate.get(a["id"], {"passed": True})["passed"] and a["format"] in runnable_formats()}
+    # rpi4 prefers tflite/int8, then onnx/int8: the first the bundle has (and whose gate passed)
+    expected = next(usable[(p.format, p.precision)] for p in get_profile("rpi4").runtime.artifacts
+                    if (p.format, p.precision) in usable)
+    assert doc["artifact"] == expected and doc["artifact"].endswith("int8")
     from fundus_edge.devices.build_target import device_default
 
     class G:

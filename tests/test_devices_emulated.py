@@ -63,20 +63,26 @@ def test_second_setup_reuses_the_cache(emulation_root: Path) -> None:
 def test_emulated_pi4_int8_matches_x86(pi4_report: Any, pi4_images: list[str]) -> None:
     import onnxruntime
 
+    from fundus_edge.devices.profile import runnable_formats
+
     rep = pi4_report
-    assert rep.artifacts == ["onnx-int8"]
+    # every int8 artifact this runtime can run: ONNX (onnxruntime), and TFLite (LiteRT) when the bundle has it
+    assert rep.artifacts == [a.id for a in rep.bundle.artifacts if a.precision == "int8"
+                             and a.format in runnable_formats()]
+    assert "onnx-int8" in rep.artifacts
     doc = rep.to_dict()
     emu = doc["emulated"]
     assert emu["machine"] == "aarch64" and emu["cpu"] == "cortex-a72"
     assert emu["versions"]["onnxruntime"] == onnxruntime.__version__  # the same version, built for aarch64
-    [par] = rep.parities
-    assert par and par.n == len(pi4_images) == 20
-    assert par.lsb and par.max_lsb is not None and par.max_lsb <= 1.0
-    assert par.compare.decision_agreement == 1.0
-    native = doc["native"]["onnx-int8"]["results"]
-    arm = emu["artifacts"]["onnx-int8"]["results"]
-    assert [r["decision"] for r in arm] == [r["decision"] for r in native]
-    assert all(r["ok"] for r in arm)
+    assert [p.artifact for p in rep.parities] == rep.artifacts
+    for par in rep.parities:
+        assert par and par.n == len(pi4_images) == 20
+        assert par.lsb and par.max_lsb is not None and par.max_lsb <= 1.0
+        assert par.compare.decision_agreement == 1.0
+        native = doc["native"][par.artifact]["results"]
+        arm = emu["artifacts"][par.artifact]["results"]
+        assert [r["decision"] for r in arm] == [r["decision"] for r in native]
+        assert all(r["ok"] for r in arm)
     assert rep.fits_ok and doc["parity_ok"]
     text = rep.text()
     assert "parity x86_64 vs arm64" in text and "PASS" in text
@@ -91,7 +97,7 @@ def test_a_parity_failure_exits_non_zero(pi4_report: Any, pi4_images: list[str],
     from fundus_edge.devices.parity import parity
 
     rep = pi4_report
-    [ok] = rep.parities
+    ok = next(p for p in rep.parities if p.artifact == "onnx-int8")
     assert rep.emulated is not None
     moved = rep.emulated.outputs["onnx-int8"].copy()
     moved[0, 0] += 2 * ok.lsb
@@ -100,7 +106,9 @@ def test_a_parity_failure_exits_non_zero(pi4_report: Any, pi4_images: list[str],
                  rep.emulated.result["artifacts"]["onnx-int8"]["results"], rep.bundle.positive_classes,
                  rep.bundle.operating_point.threshold, ok.lsb)
     assert not bad and bad.max_lsb == pytest.approx(2.0, abs=1e-3)
-    monkeypatch.setattr(emulate_mod, "run_emulate", lambda cfg, log=None: dataclasses.replace(rep, parities=[bad]))
+    others = [p for p in rep.parities if p.artifact != "onnx-int8"]
+    monkeypatch.setattr(emulate_mod, "run_emulate",
+                        lambda cfg, log=None: dataclasses.replace(rep, parities=[bad, *others]))
     code = main(["emulate", "--device", "rpi4", "--bundle", str(built.out), "--precision", "int8", *pi4_images])
     captured = capsys.readouterr()
     assert code == 11
