@@ -57,6 +57,30 @@ def _format_result(r: Any) -> str:
             f"  decode {t['decode']:.1f} ms, preprocess {t['preprocess']:.1f} ms, infer {t['infer']:.1f} ms{fov}")
 
 
+def screen_choice(args: argparse.Namespace, fmt: str | None) -> tuple[str | None, Any]:
+    """(artifact id or None, BackendSettings) for ``screen``: from ``--device``, or the ``[device]`` profile of
+    ``--device-config``; else ``--artifact`` and ``--threads`` (default 1)."""
+    from .runtime.backends import BackendSettings
+
+    device = args.device
+    if device is None and getattr(args, "device_config", None):
+        from .devices.config import profile_from_device_config
+
+        device = profile_from_device_config(args.device_config)
+    if not device:
+        return args.artifact, BackendSettings(threads=1 if args.threads is None else args.threads)
+    from .devices import resolve_device
+    from .devices.profile import choose_artifact, runnable_formats
+    from .runtime.bundle import load_bundle
+
+    profile = resolve_device(device)
+    artifact = args.artifact
+    if not (artifact or fmt or args.precision):  # the manifest is enough to choose; loading verifies later
+        bundle = load_bundle(args.bundle, verify=False)
+        artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
+    return artifact, profile.backend_settings(threads=args.threads)
+
+
 def cmd_screen(args: argparse.Namespace) -> int:
     from .cli_field import screen_field, wants_field
     from .runtime import expand_inputs, load
@@ -73,23 +97,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
                              f"not --format {fmt}")
         fmt = FORMATS_BY_BACKEND[args.backend]
     sources = expand_inputs(args.inputs)
-    bundle: Any = args.bundle
-    artifact, settings = args.artifact, None
-    if args.device:  # the device profile picks the artifact (unless given) and the backend settings
-        from .devices import resolve_device
-        from .devices.profile import choose_artifact, runnable_formats
-        from .runtime.bundle import load_bundle
-
-        profile = resolve_device(args.device)
-        bundle = load_bundle(args.bundle)
-        if not (artifact or fmt or args.precision):
-            artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
-        settings = profile.backend_settings(threads=args.threads)
-    if settings is None:
-        from .runtime.backends import BackendSettings
-
-        settings = BackendSettings(threads=1 if args.threads is None else args.threads)
-    screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings)
+    artifact, settings = screen_choice(args, fmt)
+    screener = load(args.bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings)
     with screener:
         results = list(screener.screen_many(sources))
     n_err = sum(1 for r in results if not r)

@@ -119,14 +119,15 @@ def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
 
 def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
+    from .cli import screen_choice
     from .runtime import expand_inputs
     from .runtime.audit import AuditLog
-    from .runtime.backends import BackendSettings
     from .runtime.session import Patient, open_session
     from .runtime.store import ResultStore
     from .runtime.watch import WatchOptions
 
     policy = _policy(args)
+    artifact, settings = screen_choice(args, args.format)  # --device / the config's [device] profile
     patient = Patient.of(args.patient_id, args.eye)
     if (patient.patient_id or patient.eye) and not args.store:
         raise UsageError("--patient-id and --eye are stored with the results: give --store DB")
@@ -151,9 +152,8 @@ def screen_field(args: argparse.Namespace) -> int:
     store = None
     try:
         store = ResultStore(args.store) if args.store else None
-        session = open_session(args.bundle, policy=policy, store=store, audit=audit, artifact=args.artifact,
-                               fmt=args.format, precision=args.precision,
-                               settings=BackendSettings(threads=args.threads),
+        session = open_session(args.bundle, policy=policy, store=store, audit=audit, artifact=artifact,
+                               fmt=args.format, precision=args.precision, settings=settings,
                                mode="watch" if args.watch is not None else "batch")
         if policy.active and not session.status.signed:
             print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "

@@ -139,8 +139,10 @@ def test_offline_package_installs_and_screens_in_the_emulated_pi4(built: Any, em
     assert {"fundus_edge", "numpy", "pillow", "onnxruntime", "pip"} <= wheels
     assert all("aarch64" in w.name or "none-any" in w.name or "abi3" in w.name
                for w in (out / "wheelhouse").glob("*.whl"))
-    config = json.loads((out / "device.json").read_text())
-    assert config["device"] == "rpi4" and config["artifact"] == pkg["artifact"]["artifact_id"]
+    from fundus_edge.devices.config import read_device_table
+
+    config = read_device_table(out / "device.toml")
+    assert config["profile"] == "rpi4" and config["artifact"] == pkg["artifact"]["artifact_id"]
     print(f"package: {pkg['megabytes']} MB, wheelhouse {pkg['wheelhouse_megabytes']} MB", file=sys.stderr)
 
     imgs = [str(real_photos[0]), str(real_photos[-1])]
