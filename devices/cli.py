@@ -132,7 +132,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
     res = build_package(get_profile(args.device), args.bundle, args.out, unit_file=args.unit_file,
                         extra_wheels=args.extra_wheels, tarball=not args.no_tarball, force=args.force,
-                        log=_log(args))
+                        trusted_keys=args.trusted_keys, log=_log(args))
     d = res.to_dict()
     text = (f"package for {args.device}: {res.out} ({d['megabytes']} MB; wheelhouse {d['wheelhouse_megabytes']} MB, "
             f"{len(res.wheels)} wheels)" + (f"\n  tarball {res.tarball}" if res.tarball else "")
@@ -185,6 +185,8 @@ def register(sub: Any) -> None:
     k.add_argument("--out", required=True, type=Path)
     k.add_argument("--unit-file", type=Path, help="systemd unit to ship (default: a boot-time self-check)")
     k.add_argument("--extra-wheels", type=Path, help="a folder of extra wheels (e.g. Jetson onnxruntime-gpu)")
+    k.add_argument("--trusted-keys", type=Path, metavar="DIR",
+                   help="public keys (.pub): the device then runs only bundles signed by one of them")
     k.add_argument("--no-tarball", action="store_true")
     k.add_argument("--force", action="store_true")
     k.add_argument("--json", action="store_true")
