@@ -349,3 +349,25 @@ def test_cli_registration_stays_cheap() -> None:
     screen = make_parser()._subparsers._group_actions[0].choices["screen"]  # type: ignore[union-attr]
     after = next(a for a in screen._actions if a.dest == "after")
     assert tuple(after.choices) == AFTER_CHOICES
+
+
+def test_store_path_takes_the_device_profile_after_verifying(built: Any, tmp_path: Path, real_photos: list[Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["screen", "--device", "rpi4", "--bundle", str(built.out), str(real_photos[0]), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["screen", "--device", "rpi4", "--bundle", str(built.out), "--store", str(tmp_path / "r.db"),
+                 str(real_photos[0]), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert (stored["artifact"], stored["backend"]) == (plain["artifact"], plain["backend"])
+    assert stored["results"][0]["probability"] == pytest.approx(plain["results"][0]["probability"], abs=1e-6)
+    # a damaged bundle is refused (and audited) before the profile reads its artifact list
+    damaged = tmp_path / "damaged"
+    import shutil
+
+    shutil.copytree(built.out, damaged)
+    with open(damaged / "report.md", "a") as fh:
+        fh.write("edited\n")
+    assert main(["screen", "--device", "rpi4", "--bundle", str(damaged), "--store", str(tmp_path / "r.db"),
+                 str(real_photos[0])]) == 4
+    last = _audit_events(tmp_path / "r.audit.jsonl")[-1]
+    assert last["event"] == "bundle-refused" and last["code"] == "bundle-integrity" and "report.md" in last["message"]
