@@ -62,7 +62,8 @@ def build_bundle(folder: Path, size: int) -> Path:
     out = folder / f"bundle{size}"
     run_build(BuildConfig(model=str(weights), arch="torchvision:resnet18", num_classes=2, out=out, calib=data,
                           val=data / "labels.csv", calib_size=32, preprocessing=PreprocessSpec(size=size),
-                          allow_failed_gate=True, fallback=False, debug_layers=False, force=True),
+                          formats=("onnx",), allow_failed_gate=True, fallback=False, debug_layers=False,
+                          force=True),
               log=lambda s: None)
     return out
 
