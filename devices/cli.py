@@ -92,7 +92,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     if args.install_package is not None:
         from .package import install_emulated
 
-        res = install_emulated(args.install_package, profile, images, cache=args.cache_dir, log=_log(args))
+        res = install_emulated(args.install_package, profile, images, prefix=args.prefix, cache=args.cache_dir,
+                               log=_log(args))
         doc = res.screen
         lines = [f"installed {args.install_package} into {res.prefix} with the arm64 Python (QEMU -cpu "
                  f"{profile.cpu.qemu_cpu}); screened with the installed runtime, artifact {doc.get('artifact')} "
@@ -171,6 +172,8 @@ def register(sub: Any) -> None:
     e.add_argument("--threads", type=int, help="override the profile's thread count")
     e.add_argument("--litert-package", choices=["ai-edge-litert", "tflite-runtime"], default="ai-edge-litert",
                    help="which LiteRT wheel set the emulated run uses for tflite artifacts")
+    e.add_argument("--prefix", type=Path, help="--install-package: install here (default: a new temporary "
+                   "directory, kept for inspection)")
     e.add_argument("--install-package", type=Path,
                    help="install this 'fundus-edge package' output in the emulated root and screen with it")
     e.add_argument("--cache-dir", type=Path, help="emulation cache (default: $XDG_CACHE_HOME/fundus-edge)")

@@ -146,7 +146,8 @@ def test_offline_package_installs_and_screens_in_the_emulated_pi4(built: Any, em
     print(f"package: {pkg['megabytes']} MB, wheelhouse {pkg['wheelhouse_megabytes']} MB", file=sys.stderr)
 
     imgs = [str(real_photos[0]), str(real_photos[-1])]
-    code = main(["emulate", "--device", "rpi4", "--install-package", str(out), *imgs, "--json"])
+    code = main(["emulate", "--device", "rpi4", "--install-package", str(out), "--prefix", str(tmp_path / "opt"),
+                 *imgs, "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
     installed_unit = (Path(doc["prefix"]) / "systemd" / unit.name).read_text()
