@@ -69,11 +69,16 @@ def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> t
                              f"not --format {fmt}")
         fmt = FORMATS_BY_BACKEND[args.backend]
     artifact, settings = args.artifact, None
-    if args.device:  # the device profile picks the artifact (unless given) and the backend settings
+    device = args.device
+    if device is None and getattr(args, "device_config", None):  # the [device] profile of --device-config
+        from .devices.config import profile_from_device_config
+
+        device = profile_from_device_config(args.device_config)
+    if device:  # the device profile picks the artifact (unless given) and the backend settings
         from .devices import resolve_device
         from .devices.profile import choose_artifact, runnable_formats
 
-        profile = resolve_device(args.device)
+        profile = resolve_device(device)
         bundle = get_bundle()
         if not (artifact or fmt or args.precision):
             artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id

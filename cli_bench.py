@@ -11,18 +11,12 @@ from typing import Any
 
 def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 3000)) -> list[str]:
     """Synthetic fundus photos at a handheld camera's resolution (12 MP by default), JPEG quality 95."""
-    from PIL import Image
-
-    from .datasets.synthetic import generate
+    from .datasets.synthetic import camera_photo
 
     out = []
-    w, h = size
     for i in range(n):
-        img = generate(900 + i, size=1024).image.resize((h, h))
-        canvas = Image.new("RGB", (w, h))
-        canvas.paste(img, ((w - h) // 2, 0))
-        p = folder / f"camera_{w}x{h}_{i}.jpg"
-        canvas.save(p, quality=95)
+        p = folder / f"camera_{size[0]}x{size[1]}_{i}.jpg"
+        p.write_bytes(camera_photo(900 + i, size))
         out.append(str(p))
     return out
 

@@ -149,33 +149,35 @@ def screen_field(args: argparse.Namespace) -> int:
     audit_path = _audit_path(args, policy)
     audit = AuditLog(audit_path) if audit_path else None
     store = None
-    try:
-        store = ResultStore(args.store) if args.store else None
-        session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
-                               choose=lambda b: screen_choices(args, lambda: b),
-                               mode="watch" if args.watch is not None else "batch")
-        if policy.active and not session.status.signed:
-            print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
-                  "are not required (--require-signature)", file=sys.stderr)
-        stop, reason = threading.Event(), list[str]()
-        head = (f"bundle {session.bundle_id}, artifact {session.screener.artifact.id} "
-                f"({session.screener.backend.name})" + (f", signed by {session.status.key_id}"
-                                                        if session.status.verified else ""))
-        if args.watch is not None:
-            return _run_watch(args, session, options, patient, stop, reason, head)
-        results = []
-        with stop_on_signals(stop, reason):
+    stop, reason = threading.Event(), list[str]()
+    # Signals are caught from before the bundle loads: a SIGTERM that arrives while loading (or between loading
+    # and the watch loop) stops the run cleanly instead of killing it.
+    with stop_on_signals(stop, reason):
+        try:
+            store = ResultStore(args.store) if args.store else None
+            session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
+                                   choose=lambda b: screen_choices(args, lambda: b),
+                                   mode="watch" if args.watch is not None else "batch")
+            if policy.active and not session.status.signed:
+                print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
+                      "are not required (--require-signature)", file=sys.stderr)
+            head = (f"bundle {session.bundle_id}, artifact {session.screener.artifact.id} "
+                    f"({session.screener.backend.name})" + (f", signed by {session.status.key_id}"
+                                                            if session.status.verified else ""))
+            if args.watch is not None:
+                return _run_watch(args, session, options, patient, stop, reason, head)
+            results = []
             for src in sources:
                 if stop.is_set():
                     break
                 results.append(session.screen_file(src, patient))
-        interrupted = len(results) < len(sources)
-        session.close(reason[0] if reason else "done")
-    finally:
-        if store is not None:
-            store.close()
-        if audit is not None:
-            audit.close()
+            interrupted = len(results) < len(sources)
+            session.close(reason[0] if reason else "done")
+        finally:
+            if store is not None:
+                store.close()
+            if audit is not None:
+                audit.close()
     n_err = sum(1 for r in results if r.error_code is not None)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
                "no_refer": sum(r.decision == "no-refer" for r in results),

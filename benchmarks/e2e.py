@@ -33,18 +33,13 @@ CAMERA_SIZES = {"2.5MP": (1920, 1280), "12MP": (4000, 3000), "16MP": (4608, 3456
 
 
 def make_images(folder: Path) -> list[str]:
-    from PIL import Image
-
-    from fundus_edge.datasets.synthetic import generate
+    from fundus_edge.datasets.synthetic import camera_photo
 
     out = []
-    for i, (name, (w, h)) in enumerate(CAMERA_SIZES.items()):
+    for i, (name, size) in enumerate(CAMERA_SIZES.items()):
         for k in range(2):
-            img = generate(700 + 10 * i + k, size=1024).image.resize((h, h), Image.Resampling.BICUBIC)
-            canvas = Image.new("RGB", (w, h))
-            canvas.paste(img, ((w - h) // 2, 0))
             p = folder / f"fundus_{name}_{k}.jpg"
-            canvas.save(p, quality=95)
+            p.write_bytes(camera_photo(700 + 10 * i + k, size))
             out.append(str(p))
     return out
 
@@ -67,7 +62,8 @@ def build_bundle(folder: Path, size: int) -> Path:
     out = folder / f"bundle{size}"
     run_build(BuildConfig(model=str(weights), arch="torchvision:resnet18", num_classes=2, out=out, calib=data,
                           val=data / "labels.csv", calib_size=32, preprocessing=PreprocessSpec(size=size),
-                          allow_failed_gate=True, fallback=False, debug_layers=False, force=True),
+                          formats=("onnx",), allow_failed_gate=True, fallback=False, debug_layers=False,
+                          force=True),
               log=lambda s: None)
     return out
 

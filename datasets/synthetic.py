@@ -297,6 +297,20 @@ def iter_dataset(n: int, seed: int, size: int = 512, cameras: tuple[str, ...] = 
                        referable_rate=referable_rate)
 
 
+def camera_photo(seed: int, size: tuple[int, int] = (4000, 3000), quality: int = 95) -> bytes:
+    """A synthetic fundus photograph at a handheld camera's resolution (12 MP by default) as JPEG bytes:
+    the retina drawn at 1024 px, upscaled to the frame's height and centred on black, like a camera frame."""
+    import io
+
+    w, h = size
+    img = generate(seed, size=1024).image.resize((h, h), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (w, h))
+    canvas.paste(img, ((w - h) // 2, 0))
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def write_dataset(out_dir: str | Path, n: int, seed: int, size: int = 512, cameras: tuple[str, ...] = ("desktop",),
                   quality: int = 92, referable_rate: float = 0.4) -> Path:
     """Write ``n`` JPEGs and ``labels.csv`` (EyePACS layout: ``image,level``). Returns the CSV path."""

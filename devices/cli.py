@@ -92,7 +92,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     if args.install_package is not None:
         from .package import install_emulated
 
-        res = install_emulated(args.install_package, profile, images, cache=args.cache_dir, log=_log(args))
+        res = install_emulated(args.install_package, profile, images, prefix=args.prefix, cache=args.cache_dir,
+                               log=_log(args))
         doc = res.screen
         lines = [f"installed {args.install_package} into {res.prefix} with the arm64 Python (QEMU -cpu "
                  f"{profile.cpu.qemu_cpu}); screened with the installed runtime, artifact {doc.get('artifact')} "
@@ -132,7 +133,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
     res = build_package(get_profile(args.device), args.bundle, args.out, unit_file=args.unit_file,
                         extra_wheels=args.extra_wheels, tarball=not args.no_tarball, force=args.force,
-                        log=_log(args))
+                        trusted_keys=args.trusted_keys, log=_log(args))
     d = res.to_dict()
     text = (f"package for {args.device}: {res.out} ({d['megabytes']} MB; wheelhouse {d['wheelhouse_megabytes']} MB, "
             f"{len(res.wheels)} wheels)" + (f"\n  tarball {res.tarball}" if res.tarball else "")
@@ -171,6 +172,8 @@ def register(sub: Any) -> None:
     e.add_argument("--threads", type=int, help="override the profile's thread count")
     e.add_argument("--litert-package", choices=["ai-edge-litert", "tflite-runtime"], default="ai-edge-litert",
                    help="which LiteRT wheel set the emulated run uses for tflite artifacts")
+    e.add_argument("--prefix", type=Path, help="--install-package: install here (default: a new temporary "
+                   "directory, kept for inspection)")
     e.add_argument("--install-package", type=Path,
                    help="install this 'fundus-edge package' output in the emulated root and screen with it")
     e.add_argument("--cache-dir", type=Path, help="emulation cache (default: $XDG_CACHE_HOME/fundus-edge)")
@@ -185,6 +188,8 @@ def register(sub: Any) -> None:
     k.add_argument("--out", required=True, type=Path)
     k.add_argument("--unit-file", type=Path, help="systemd unit to ship (default: a boot-time self-check)")
     k.add_argument("--extra-wheels", type=Path, help="a folder of extra wheels (e.g. Jetson onnxruntime-gpu)")
+    k.add_argument("--trusted-keys", type=Path, metavar="DIR",
+                   help="public keys (.pub): the device then runs only bundles signed by one of them")
     k.add_argument("--no-tarball", action="store_true")
     k.add_argument("--force", action="store_true")
     k.add_argument("--json", action="store_true")

@@ -5,7 +5,9 @@
                        the device's platform and Python (host ``pip download --platform ... --only-binary=:all:``)
       requirements.txt every wheel pinned by version and sha256 (pip --require-hashes)
       bundle/          the verified bundle
-      device.json      the device config: profile, chosen artifact, threads, provider order
+      device.toml      the device config: [device] profile, chosen artifact, threads, provider order;
+                       [security] trusted keys + require_signature when --trusted-keys is given
+      trusted-keys/    the public keys (.pub) a signed bundle must verify against (with --trusted-keys)
       systemd/         a unit (default: a boot-time self-check; ``--unit-file`` puts in another, e.g. watch mode)
       install.sh       venv + ``pip install --no-index --find-links wheelhouse`` + bundle check
       SHA256SUMS       every file above
@@ -35,6 +37,7 @@ from typing import Any
 from .. import __version__
 from ..errors import DeviceError, EmulationError, MissingToolError, UsageError
 from ..runtime.bundle import load_bundle, sha256_file
+from .config import read_device_table, render_device_config
 from .emuroot import GUEST_PYTHON, manylinux_platforms
 from .profile import ArtifactChoice, DeviceProfile, choose_artifact, runnable_formats
 
@@ -42,7 +45,6 @@ Log = Callable[[str], None]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_UNIT = TEMPLATES / "fundus-edge-selfcheck.service"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEVICE_CONFIG_SCHEMA = "fundus-edge/device-config"
 # The packages each fundus-edge extra adds (pyproject [project.optional-dependencies], device extras only).
 EXTRA_DISTS = {"onnx": "onnxruntime", "litert": "ai-edge-litert"}
 
@@ -170,7 +172,7 @@ def _render(template: str, values: dict[str, str]) -> str:
 
 def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file: Path | None = None,
                   extra_wheels: Path | None = None, tarball: bool = True, force: bool = False,
-                  log: Log | None = None) -> PackageResult:
+                  trusted_keys: Path | None = None, log: Log | None = None) -> PackageResult:
     say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     if not profile.supported:
@@ -180,6 +182,9 @@ def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file
         raise UsageError(f"--unit-file {unit} does not exist")
     bundle = load_bundle(bundle_dir)
     choice = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats())
+    keys = sorted(Path(trusted_keys).glob("*.pub")) if trusted_keys else []
+    if trusted_keys and (not keys or any(Path(trusted_keys).glob("*.key"))):
+        raise UsageError(f"--trusted-keys {trusted_keys} must hold public keys (.pub) and no private key (.key)")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force")
@@ -192,7 +197,8 @@ def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file
 
     say(f"[1/4] wheelhouse for {profile.name}: Python {py}, {profile.arch}, glibc {profile.install.glibc}")
     own = _own_wheel(wheelhouse, say)
-    requirements = _wheel_requires(own, profile.install.extras, profile.install.python_tuple)
+    extras = (*profile.install.extras, "secure") if keys else profile.install.extras  # signature checks
+    requirements = _wheel_requires(own, extras, profile.install.python_tuple)
     requirements, pin_notes = _pins(requirements, py)
     notes += pin_notes
     if extra_wheels:
@@ -224,16 +230,25 @@ def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file
     say(f"[2/4] bundle {bundle.bundle_id} -> {out / 'bundle'} (artifact for {profile.name}: {choice.artifact_id})")
     shutil.copytree(bundle.root, out / "bundle")
     load_bundle(out / "bundle")  # the copy verifies
-    config = {"schema": DEVICE_CONFIG_SCHEMA, "schema_version": 1, "device": profile.name,
-              "bundle": "bundle", "bundle_id": bundle.bundle_id, "artifact": choice.artifact_id,
+    device = {"profile": profile.name, "bundle_id": bundle.bundle_id, "artifact": choice.artifact_id,
               "artifact_reason": choice.reason, "threads": profile.runtime.threads,
               "providers": list(profile.runtime.providers), "latency_budget_ms": profile.runtime.latency_budget_ms,
               "python": py, "arch": profile.arch, "fundus_edge": __version__}
-    (out / "device.json").write_text(json.dumps(config, indent=2) + "\n")
+    security = None
+    if keys:
+        (out / "trusted-keys").mkdir()
+        for k in keys:
+            shutil.copy2(k, out / "trusted-keys" / k.name)
+        security = {"trusted_keys": "trusted-keys", "require_signature": True}
+        notes.append(f"signatures required: the device runs only bundles signed by {', '.join(k.stem for k in keys)}")
+    (out / "device.toml").write_text(render_device_config(
+        device, security, comment=f"fundus-edge device config for {profile.name}, written by 'fundus-edge package'.\n"
+                                  "Use with: fundus-edge screen --device-config device.toml ..."))
 
     say("[3/4] installer and service unit")
     values = {"DEVICE": profile.name, "DESCRIPTION": profile.description, "PYTHON": py, "ARCH": profile.arch,
-              "ARTIFACT": choice.artifact_id, "THREADS": str(profile.runtime.threads), "BUNDLE": "@PREFIX@/bundle"}
+              "ARTIFACT": choice.artifact_id, "THREADS": str(profile.runtime.threads), "BUNDLE": "@PREFIX@/bundle",
+              "CONFIG": "@PREFIX@/device.toml"}
     (out / "install.sh").write_text(_render((TEMPLATES / "install.sh").read_text(), values))
     (out / "install.sh").chmod(0o755)
     (out / "systemd").mkdir()
@@ -280,7 +295,7 @@ def install_emulated(package: Path, profile: DeviceProfile, images: list[str], p
     say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if profile.arch != "aarch64":
         raise UsageError(f"{profile.name} is not an Arm device; install its package natively")
-    cfg = json.loads((package / "device.json").read_text())
+    cfg = read_device_table(package / "device.toml")
     if cfg.get("python") != GUEST_PYTHON:
         raise UsageError(f"the package is for Python {cfg.get('python')}; the emulation root has {GUEST_PYTHON}")
     root = open_root(cache)
@@ -299,8 +314,9 @@ def install_emulated(package: Path, profile: DeviceProfile, images: list[str], p
         raise EmulationError(f"install.sh failed under emulation (exit {r.returncode}):\n{r.stderr[-3000:]}")
     say(f"screening {len(images)} image(s) with {prefix}/venv (emulated)")
     t = time.perf_counter()
-    cmd = [*run, str(prefix / "venv/bin/python"), "-m", "fundus_edge", "screen", "--device", profile.name,
-           "--bundle", str(prefix / "bundle"), "--json", *[str(Path(i).resolve()) for i in images]]
+    cmd = [*run, str(prefix / "venv/bin/python"), "-m", "fundus_edge", "screen", "--device-config",
+           str(prefix / "device.toml"), "--bundle", str(prefix / "bundle"), "--json",
+           *[str(Path(i).resolve()) for i in images]]
     s_env = {k: v for k, v in env.items() if k not in ("FUNDUS_EDGE_RUN", "PYTHON")}
     r = subprocess.run(cmd, capture_output=True, text=True, env=s_env, timeout=1800)
     screen_s = time.perf_counter() - t

@@ -328,3 +328,49 @@ def test_doctor_names_what_to_install_when_no_backend_imports(monkeypatch: pytes
     assert rep.exit_code == 3 and not rep.ok
     assert any(get_profile("rpi4").install.pip in a for a in rep.advice)
     assert "NOT importable" in rep.text()
+
+
+def test_screen_with_a_store_honours_the_device(built: Any, real_photos: list[Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The field path (store, watch, trust policy) takes --device and the default thread count too."""
+    db = tmp_path / "r.db"
+    assert main(["screen", "--bundle", str(built.out), "--store", str(db), str(real_photos[0]), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["screen", "--bundle", str(built.out), "--store", str(tmp_path / "r2.db"), "--device",
+                 "jetson-nano", str(real_photos[0]), "--json"]) == 0
+    nano = json.loads(capsys.readouterr().out)
+    assert plain["artifact"] == built.manifest["default_artifact"] and nano["artifact"] == "onnx-fp32"
+
+
+def test_package_device_config_drives_screen_and_the_trust_policy(built: Any, real_photos: list[Path],
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A package made with --trusted-keys: its device.toml names the profile and requires a signature, and
+    `screen --device-config` (the field path) obeys both: unsigned refused, signed screened."""
+    import shutil
+
+    from fundus_edge.devices.config import read_device_table
+    from fundus_edge.runtime.signing import TrustPolicy, generate_keypair, load_signing_key, sign_bundle
+
+    keys = generate_keypair(tmp_path / "keys", "clinic")
+    pub_only = tmp_path / "pub"
+    pub_only.mkdir()
+    shutil.copy2(keys.public, pub_only / keys.public.name)
+    out = tmp_path / "pkg"
+    assert main(["package", "--device", "x86-dev", "--bundle", str(built.out), "--out", str(out),
+                 "--trusted-keys", str(pub_only), "--no-tarball", "--json"]) == 0
+    pkg = json.loads(capsys.readouterr().out)
+    assert any(w.startswith("cryptography-") for w in pkg["wheels"])  # the device can check signatures
+    cfg = out / "device.toml"
+    assert read_device_table(cfg)["profile"] == "x86-dev"
+    policy = TrustPolicy.from_config(cfg)
+    assert policy.require_signature and policy.trusted_keys == out / "trusted-keys"
+    img = str(real_photos[0])
+    assert main(["screen", "--device-config", str(cfg), "--bundle", str(built.out), img]) == 4  # unsigned
+    capsys.readouterr()
+    signed = tmp_path / "signed"
+    shutil.copytree(built.out, signed)
+    sign_bundle(signed, load_signing_key(keys.private))
+    assert main(["screen", "--device-config", str(cfg), "--bundle", str(signed), img, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["signature"]["verified"] and doc["artifact"] == read_device_table(cfg)["artifact"]

@@ -38,9 +38,11 @@ def emulation_root() -> Path:
 
 
 @pytest.fixture(scope="module")
-def pi4_images(synth_val: Path, real_photos: list[Path]) -> list[str]:
-    """~20 images: 15 synthetic fundus photographs and the 5 CC0 real ones."""
-    return [*map(str, sorted(synth_val.parent.glob("*.jpg"))[:15]), *map(str, real_photos[:5])]
+def pi4_images(synth_val: Path, real_photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """20 images (15 synthetic fundus photographs, the 5 CC0 real ones) and a file that is not an image."""
+    broken = tmp_path_factory.mktemp("broken") / "not-a-photo.jpg"
+    broken.write_bytes(b"this is not a JPEG")
+    return [*map(str, sorted(synth_val.parent.glob("*.jpg"))[:15]), *map(str, real_photos[:5]), str(broken)]
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +78,16 @@ def test_emulated_pi4_int8_matches_x86(pi4_report: Any, pi4_images: list[str]) -
     assert emu["versions"]["onnxruntime"] == onnxruntime.__version__  # the same version, built for aarch64
     assert [p.artifact for p in rep.parities] == rep.artifacts
     for par in rep.parities:
-        assert par and par.n == len(pi4_images) == 20
+        assert par and par.n == len(pi4_images) == 21 and par.compare.n == 20  # the broken file fails on both
+        assert par.errors_agree and par.inputs_identical == 20
         assert par.lsb and par.max_lsb is not None and par.max_lsb <= 1.0
         assert par.compare.decision_agreement == 1.0
         native = doc["native"][par.artifact]["results"]
         arm = emu["artifacts"][par.artifact]["results"]
-        assert [r["decision"] for r in arm] == [r["decision"] for r in native]
-        assert all(r["ok"] for r in arm)
+        assert [r.get("decision") for r in arm] == [r.get("decision") for r in native]
+        assert [r["ok"] for r in arm] == [True] * 20 + [False]
+        assert arm[-1]["error"]["code"] == "not-an-image"
+        assert "timings_ms" not in arm[0] and "emulator_timings_ms_not_device_latency" in arm[0]
     assert rep.fits_ok and doc["parity_ok"]
     text = rep.text()
     assert "parity x86_64 vs arm64" in text and "PASS" in text
@@ -119,8 +124,14 @@ def test_offline_package_installs_and_screens_in_the_emulated_pi4(built: Any, em
                                                                   real_photos: list[Path], tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "dist" / "rpi4"
-    assert main(["package", "--device", "rpi4", "--bundle", str(built.out), "--out", str(out), "--json"]) == 0
+    unit = tmp_path / "fundus-edge-watch.service"  # e.g. the watch-mode unit of the field-reliability work
+    unit.write_text("[Service]\nExecStart=@PREFIX@/venv/bin/fundus-edge screen --device @DEVICE@ --bundle @BUNDLE@ "
+                    "--artifact @ARTIFACT@ --threads @THREADS@\n")
+    assert main(["package", "--device", "rpi4", "--bundle", str(built.out), "--out", str(out), "--unit-file",
+                 str(unit), "--json"]) == 0
     pkg = json.loads(capsys.readouterr().out)
+    shipped = (out / "systemd" / unit.name).read_text()
+    assert f"--device rpi4 --bundle @PREFIX@/bundle --artifact {pkg['artifact']['artifact_id']} --threads 4" in shipped
     assert Path(pkg["tarball"]).is_file() and (out / "install.sh").is_file() and (out / "SHA256SUMS").is_file()
     reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     assert all("==" in r and "--hash=sha256:" in r for r in reqs)
@@ -128,15 +139,20 @@ def test_offline_package_installs_and_screens_in_the_emulated_pi4(built: Any, em
     assert {"fundus_edge", "numpy", "pillow", "onnxruntime", "pip"} <= wheels
     assert all("aarch64" in w.name or "none-any" in w.name or "abi3" in w.name
                for w in (out / "wheelhouse").glob("*.whl"))
-    config = json.loads((out / "device.json").read_text())
-    assert config["device"] == "rpi4" and config["artifact"] == pkg["artifact"]["artifact_id"]
-    assert any((out / "systemd").iterdir())
+    from fundus_edge.devices.config import read_device_table
+
+    config = read_device_table(out / "device.toml")
+    assert config["profile"] == "rpi4" and config["artifact"] == pkg["artifact"]["artifact_id"]
     print(f"package: {pkg['megabytes']} MB, wheelhouse {pkg['wheelhouse_megabytes']} MB", file=sys.stderr)
 
     imgs = [str(real_photos[0]), str(real_photos[-1])]
-    code = main(["emulate", "--device", "rpi4", "--install-package", str(out), *imgs, "--json"])
+    code = main(["emulate", "--device", "rpi4", "--install-package", str(out), "--prefix", str(tmp_path / "opt"),
+                 *imgs, "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
+    installed_unit = (Path(doc["prefix"]) / "systemd" / unit.name).read_text()
+    assert f"ExecStart={doc['prefix']}/venv/bin/fundus-edge screen --device rpi4 --bundle {doc['prefix']}/bundle" \
+        in installed_unit
     screen = doc["screen"]
     assert screen["artifact"] == config["artifact"] and screen["summary"]["errors"] == 0
     from fundus_edge.runtime import load

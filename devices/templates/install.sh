@@ -35,15 +35,17 @@ $RUN "$PREFIX/venv/bin/python" "$pipwhl/pip" install --no-index --find-links whe
     --disable-pip-version-check --no-warn-script-location --quiet -r requirements.txt
 rm -rf "$PREFIX/bundle"
 cp -R bundle "$PREFIX/bundle"
-cp device.json "$PREFIX/device.json"
+cp device.toml "$PREFIX/device.toml"
+rm -rf "$PREFIX/trusted-keys"
+[ -d trusted-keys ] && cp -R trusted-keys "$PREFIX/trusted-keys"
 mkdir -p "$PREFIX/systemd"
 for unit in systemd/*; do
     [ -f "$unit" ] && sed "s|@PREFIX@|$PREFIX|g" "$unit" > "$PREFIX/$unit"
 done
 cat > "$PREFIX/screen" <<SCREEN
 #!/bin/sh
-# Screen images with the installed bundle and the settings of @DEVICE@.
-exec "$PREFIX/venv/bin/fundus-edge" screen --device @DEVICE@ --bundle "$PREFIX/bundle" "\$@"
+# Screen images with the installed bundle and the device config (settings of @DEVICE@, trusted keys if any).
+exec "$PREFIX/venv/bin/fundus-edge" screen --device-config "$PREFIX/device.toml" --bundle "$PREFIX/bundle" "\$@"
 SCREEN
 chmod +x "$PREFIX/screen"
 say "verifying the installed bundle (every file's sha256)"
