@@ -8,16 +8,10 @@ Each reader ignores the other's table.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 devices
-    import tomli as tomllib
 
 
 def _toml_value(v: Any) -> str:
@@ -42,15 +36,10 @@ def render_device_config(device: dict[str, Any], security: dict[str, Any] | None
 
 
 def read_device_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from .profile import read_toml
+
     p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise UsageError(f"cannot read the device config {p}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"device config {p} is not valid TOML: {exc}") from exc
-    table = doc.get("device", {})
+    table = read_toml(p, UsageError, "the device config").get("device", {})
     if not isinstance(table, dict):
         raise UsageError(f"{p}: [device] must be a table")
     return table

@@ -231,16 +231,20 @@ def profile_from_dict(d: dict[str, Any], source: str = "") -> DeviceProfile:
         raise DeviceError(f"{where}: {exc}") from exc
 
 
-def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
+def read_toml(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or invalid files raise ``error`` naming ``what`` the file is."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            doc = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
-        raise DeviceError(f"cannot read device profile {p}: {exc}") from exc
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise DeviceError(f"device profile {p} is not valid TOML: {exc}") from exc
-    return profile_from_dict(doc, source=str(p))
+        raise error(f"{what} {p} is not valid TOML: {exc}") from exc
+
+
+def load_profile_file(path: str | os.PathLike[str]) -> DeviceProfile:
+    return profile_from_dict(read_toml(path, DeviceError, "device profile"), source=str(Path(path)))
 
 
 def profile_names() -> list[str]:
