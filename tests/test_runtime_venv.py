@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import venv
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from device_venv import install_extra, run_cli
 
 
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env_dir = tmp_path_factory.mktemp("runtime-venv")
-    venv.create(env_dir, with_pip=True, clear=True)
-    py = env_dir / "bin" / "python"
-    r = subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
-         str(REPO / "constraints.txt"), f"{REPO}[onnx]"],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, f"installing the runtime extra failed:\n{r.stdout}\n{r.stderr}"
-    return env_dir
-
-
-def _run(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True)
+    return install_extra(tmp_path_factory.mktemp("runtime-venv"), "onnx")
 
 
 def test_runtime_venv_has_no_toolchain(runtime_venv: Path) -> None:
@@ -42,7 +27,7 @@ def test_runtime_venv_has_no_toolchain(runtime_venv: Path) -> None:
 
 
 def test_runtime_venv_screens_a_toolchain_bundle(runtime_venv: Path, built: Any, real_photos: list[Path]) -> None:
-    r = _run(runtime_venv, "screen", "--bundle", str(built.out), *map(str, real_photos[:2]), "--json")
+    r = run_cli(runtime_venv, "screen", "--bundle", str(built.out), *map(str, real_photos[:2]), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["summary"] == {"n": 2, "refer": doc["summary"]["refer"], "no_refer": doc["summary"]["no_refer"],
@@ -57,7 +42,7 @@ def test_runtime_venv_screens_a_toolchain_bundle(runtime_venv: Path, built: Any,
 
 
 def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, synth_val: Path) -> None:
-    r = _run(runtime_venv, "check", "--bundle", str(built.out), "--val", str(synth_val))
+    r = run_cli(runtime_venv, "check", "--bundle", str(built.out), "--val", str(synth_val))
     assert r.returncode == 0, r.stderr
     assert "check: PASSED" in r.stdout
     py = runtime_venv / "bin" / "python"
@@ -67,22 +52,22 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0
-    r3 = _run(runtime_venv, "doctor", "--device", "rpi4", "--json")  # profiles ship in the wheel; no torch needed
+    r3 = run_cli(runtime_venv, "doctor", "--device", "rpi4", "--json")  # profiles ship in the wheel; no torch needed
     assert r3.returncode == 0, r3.stdout + r3.stderr
     assert json.loads(r3.stdout)["profile"] == "rpi4"
-    r2 = _run(runtime_venv, "build", "--model", "reference:dr-resnet18s", "--calib", "x", "--val", "y.csv",
+    r2 = run_cli(runtime_venv, "build", "--model", "reference:dr-resnet18s", "--calib", "x", "--val", "y.csv",
               "--out", "z")
     assert r2.returncode == 3, r2.stderr
     assert "pip install 'fundus-edge[export]'" in r2.stderr
     # no TFLite runtime in this install: the LiteRT backend fails naming what to install
-    r3 = _run(runtime_venv, "screen", "--bundle", str(built.out), "--backend", "litert", "x.jpg")
+    r3 = run_cli(runtime_venv, "screen", "--bundle", str(built.out), "--backend", "litert", "x.jpg")
     assert r3.returncode == 3, r3.stderr
     assert "pip install 'fundus-edge[litert]'" in r3.stderr and "tflite-runtime" in r3.stderr
 
 
 def test_runtime_venv_quality_and_calibration(runtime_venv: Path, real_photos: list[Path], tmp_path: Path) -> None:
     """The image-quality check and the per-camera calibration run with the device install (no torch)."""
-    r = _run(runtime_venv, "quality", str(real_photos[0].parent), "--json")
+    r = run_cli(runtime_venv, "quality", str(real_photos[0].parent), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["gradable"] == len(real_photos)
     from PIL import Image, ImageFilter
@@ -95,7 +80,8 @@ def test_runtime_venv_quality_and_calibration(runtime_venv: Path, real_photos: l
         img.rotate(180 * (i // len(real_photos))).save(good / f"g{i}.jpg", quality=92)
         img.filter(ImageFilter.GaussianBlur(8)).save(bad / f"b{i}.jpg", quality=92)
     out = tmp_path / "spec.json"
-    r = _run(runtime_venv, "quality", "calibrate", "--good", str(good), "--bad", str(bad), "--out", str(out), "--json")
+    r = run_cli(runtime_venv, "quality", "calibrate", "--good", str(good), "--bad", str(bad), "--out", str(out),
+                "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     sharp = next(m for m in doc["measures"] if m["name"] == "sharpness")

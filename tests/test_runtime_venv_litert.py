@@ -5,31 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import venv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from device_venv import install_extra, run_cli
 
 
 @pytest.fixture(scope="module")
 def litert_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env_dir = tmp_path_factory.mktemp("litert-venv")
-    venv.create(env_dir, with_pip=True, clear=True)
-    r = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
-         str(REPO / "constraints.txt"), f"{REPO}[litert]"],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, f"installing the litert extra failed:\n{r.stdout}\n{r.stderr}"
-    return env_dir
-
-
-def _run(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True)
+    return install_extra(tmp_path_factory.mktemp("litert-venv"), "litert")
 
 
 def test_litert_venv_has_neither_torch_nor_onnxruntime(litert_venv: Path) -> None:
@@ -43,7 +29,7 @@ def test_litert_venv_has_neither_torch_nor_onnxruntime(litert_venv: Path) -> Non
 
 
 def test_litert_venv_screens_like_the_toolchain(litert_venv: Path, built: Any, real_photos: list[Path]) -> None:
-    r = _run(litert_venv, "screen", "--bundle", str(built.out), "--backend", "litert",
+    r = run_cli(litert_venv, "screen", "--bundle", str(built.out), "--backend", "litert",
              *map(str, real_photos[:2]), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -54,14 +40,14 @@ def test_litert_venv_screens_like_the_toolchain(litert_venv: Path, built: Any, r
         here = [s.screen(str(p)).probability for p in real_photos[:2]]
     assert [res["probability"] for res in doc["results"]] == pytest.approx(here, abs=1e-6)
     # the ONNX artifacts cannot run here: a clear error, not a crash
-    r2 = _run(litert_venv, "screen", "--bundle", str(built.out), "--backend", "onnxruntime", str(real_photos[0]))
+    r2 = run_cli(litert_venv, "screen", "--bundle", str(built.out), "--backend", "onnxruntime", str(real_photos[0]))
     assert r2.returncode == 3 and "pip install 'fundus-edge[onnx]'" in r2.stderr
 
 
 def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any, synth_val: Path) -> None:
     """Without onnxruntime, `check` gates tflite-int8 against tflite-fp32, and computes exactly the gate the
     toolchain computes from the build's own scores of those two files (whatever its verdict)."""
-    r = _run(litert_venv, "check", "--bundle", str(built.out), "--val", str(synth_val), "--json")
+    r = run_cli(litert_venv, "check", "--bundle", str(built.out), "--val", str(synth_val), "--json")
     doc = json.loads(r.stdout)
     assert r.returncode == (0 if doc["passed"] else 8), r.stderr
     assert doc["reference"] == "tflite-fp32" and set(doc["skipped"]) == {"onnx-fp32", "onnx-int8"}
@@ -84,7 +70,7 @@ def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any,
 def test_litert_venv_outputs_compare_on_the_workstation(litert_venv: Path, built: Any, real_photos: list[Path],
                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dev = tmp_path / "device.npz"
-    r = _run(litert_venv, "compare", "--bundle", str(built.out), str(real_photos[0]), "--synthetic", "2",
+    r = run_cli(litert_venv, "compare", "--bundle", str(built.out), str(real_photos[0]), "--synthetic", "2",
              "--label", "device", "--save-outputs", str(dev), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)

@@ -1,0 +1,26 @@
+"""Fresh virtual environments holding only a device extra of fundus-edge, for the torch-free install tests."""
+
+from __future__ import annotations
+
+import subprocess
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def install_extra(env_dir: Path, extra: str) -> Path:
+    """Create a venv at ``env_dir`` with ``fundus-edge[extra]`` (pinned by constraints.txt) and nothing else."""
+    venv.create(env_dir, with_pip=True, clear=True)
+    r = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
+         str(REPO / "constraints.txt"), f"{REPO}[{extra}]"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, f"installing the {extra} extra failed:\n{r.stdout}\n{r.stderr}"
+    return env_dir
+
+
+def run_cli(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The venv's own ``fundus-edge`` console script."""
+    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True)
