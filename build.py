@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -148,15 +148,35 @@ class _TfliteStage:
     artifacts: list[dict[str, Any]]
     export: dict[str, Any]
     quantization: dict[str, Any]
+    scores: dict[str, np.ndarray]  # validation scores already computed (by the fallback loop)
+
+
+@dataclass
+class _GateInputs:
+    """What an accuracy-aware quantization needs to gate its candidates like the final gate does."""
+
+    val: np.ndarray  # validation inputs in the model's layout
+    labels: np.ndarray
+    reference_scores: np.ndarray
+    threshold: float
+    settings: BackendSettings
 
 
 def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: Path, parity_x: np.ndarray,
                   calib: PreparedInputs, calib_selection: dict[str, Any], positive: list[int], say: Log,
-                  step: Callable[[str], float]) -> _TfliteStage:
-    """TFLite fp32 (litert-torch) with parity vs PyTorch, then full-integer int8 (ai-edge-quantizer)."""
+                  step: Callable[[str], float], gating: _GateInputs) -> _TfliteStage:
+    """TFLite fp32 (litert-torch) with parity vs PyTorch, then full-integer int8 (ai-edge-quantizer), with the
+    accuracy-aware per-op fallback when the int8 file fails the gate (unless ``cfg.fallback`` is off)."""
     from .export.tflite import export_tflite
     from .export.validate import torch_outputs, validate_export
-    from .quantization.quantize_tflite import TfliteQuantConfig, quantize_tflite
+    from .quantization.fallback import MOSTLY_FLOAT
+    from .quantization.fallback_tflite import accuracy_aware_quantize_tflite
+    from .quantization.quantize_tflite import (
+        TfliteQuantConfig,
+        TfliteQuantResult,
+        calibrate_tflite,
+        quantize_calibrated,
+    )
     from .runtime.compare import Tolerance
 
     layout = cfg.tflite_layout
@@ -171,17 +191,42 @@ def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: 
     artifacts: list[dict[str, Any]] = [{"id": "tflite-fp32", "path": fp32_path.name, "format": "tflite",
                                         "precision": "fp32", "layout": layout, "io_dtype": "float32"}]
     quant: dict[str, Any] = {}
+    scores: dict[str, np.ndarray] = {}
     if "int8" in cfg.precisions:
         t = step(f"quantizing TFLite to full-integer int8 ({cfg.tflite_int8_io} I/O, global min/max) on "
-                 f"{len(calib.sources)} calibration images")
+                 f"{len(calib.sources)} calibration images"
+                 + (", accuracy-aware per-op fallback on" if cfg.fallback else ""))
         int8_path = staging / "model.int8.tflite"
-        q = quantize_tflite(fp32_path, int8_path, relayout(calib.tensors, spec.layout, layout),
-                            TfliteQuantConfig(io_dtype=cfg.tflite_int8_io, threads=cfg.threads))
-        quant["tflite-int8"] = {**q.to_dict(), "calibration_selection": calib_selection}
+        qcfg = TfliteQuantConfig(io_dtype=cfg.tflite_int8_io, threads=cfg.threads)
+        calib_x = relayout(calib.tensors, spec.layout, layout)
+        cal = calibrate_tflite(fp32_path, calib_x, qcfg)
+        if cfg.fallback:
+            fb = accuracy_aware_quantize_tflite(
+                cal, int8_path, calib_x, relayout(gating.val, spec.layout, layout), gating.labels, positive,
+                gating.reference_scores, gating.threshold, cfg.criteria, qcfg, cfg.fallback_budget, gating.settings,
+                log=say)
+            q = cast(TfliteQuantResult, fb.quant)  # what the TFLite target writes
+            scores["tflite-int8"] = fb.scores
+            report = fb.to_dict()
+            if fb.excluded:
+                say(f"      kept in float: {_kept(report)}")
+            if fb.mostly_float:
+                say(f"      WARNING: only {q.int8_mac_fraction:.1%} of MACs run in int8: this model is "
+                    "mostly fp32, not an int8 model")
+        else:
+            q = quantize_calibrated(cal, int8_path, qcfg)
+            report = None
+        quant["tflite-int8"] = {**q.to_dict(), "calibration_selection": calib_selection,
+                                "mostly_float": q.int8_mac_fraction < MOSTLY_FLOAT,
+                                **({"fallback": report} if report is not None else {})}
         artifacts.append({"id": "tflite-int8", "path": int8_path.name, "format": "tflite", "precision": "int8",
                           "layout": layout, "io_dtype": q.coverage.input_dtype})
         say(f"      {q.coverage.summary()} ({time.perf_counter() - t:.1f}s)")
-    return _TfliteStage(artifacts, {"tflite-fp32": {**parity.to_dict(), **exp.to_dict()}}, quant)
+    return _TfliteStage(artifacts, {"tflite-fp32": {**parity.to_dict(), **exp.to_dict()}}, quant, scores)
+
+
+def _kept(fallback_report: dict[str, Any]) -> str:
+    return ", ".join(f"{k['where'] or k['node']} ({k['op_type']})" for k in fallback_report["kept_in_float_detail"])
 
 
 def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
@@ -196,7 +241,12 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     from .export.validate import torch_outputs, validate_export
     from .quantization.debug import layer_errors
     from .quantization.fallback import MOSTLY_FLOAT, accuracy_aware_quantize
-    from .quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
+    from .quantization.quantize_onnx import (
+        OnnxQuantConfig,
+        OnnxQuantResult,
+        preprocess_for_quantization,
+        quantize_onnx,
+    )
     from .runtime.compare import Tolerance
 
     say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -305,11 +355,11 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
                 fb = accuracy_aware_quantize(
                     fp32_path, pre, int8_path, calib_in.tensors, val_in.tensors, y, positive, scores["onnx-fp32"],
                     threshold, cfg.criteria, INPUT_NAME, qcfg, cfg.fallback_budget, settings, log=say)
-                q = fb.quant
+                q = cast(OnnxQuantResult, fb.quant)  # what the ONNX target writes
                 scores["onnx-int8"] = fb.scores
                 fallback_report = fb.to_dict()
                 if fb.excluded:
-                    say(f"      kept in float: {', '.join(fb.excluded)}")
+                    say(f"      kept in float: {_kept(fallback_report)}")
                 if fb.mostly_float:
                     say(f"      WARNING: only {q.int8_mac_fraction:.1%} of MACs run in int8: this model is "
                         "mostly fp32, not an int8 model")
@@ -342,7 +392,10 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
 
             selection = {"from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
                          "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}
-            tfl = _build_tflite(cfg, loaded.module, spec, staging, parity_x, calib_in, selection, positive, say, step)
+            gating = _GateInputs(val_in.tensors, y, scores["onnx-fp32"], threshold, settings)
+            tfl = _build_tflite(cfg, loaded.module, spec, staging, parity_x, calib_in, selection, positive, say, step,
+                                gating)
+            scores.update(tfl.scores)
             artifacts += tfl.artifacts
             export_info.update(tfl.export)
             quant_summary.update(tfl.quantization)
@@ -362,7 +415,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         gradable = val_in.gradable
         ref_eval = evaluate(ref_id, y, scores[ref_id], threshold, cfg.criteria)
         gates: list[GateResult] = [gate(a["id"], y, scores[ref_id], scores[a["id"]], threshold, cfg.criteria,
-                                        ref_id, ref_eval) for a in artifacts if a["id"] != ref_id]
+                                        ref_id, ref_eval, quant_summary.get(a["id"], {}).get("int8_mac_fraction"))
+                                   for a in artifacts if a["id"] != ref_id]
         for g in gates:
             say(f"      {g.artifact}: AUC {g.candidate_eval.auc:.4f} (Δ {g.delta_auc:+.4f}), sensitivity "
                 f"{g.candidate_eval.sensitivity:.4f} (Δ {g.delta_sensitivity:+.4f}), flips {g.flips} -> "
@@ -414,15 +468,20 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             shutil.rmtree(report_dir, ignore_errors=True)
             write_reports(report_dir, report)
             failures = "; ".join(f"{g.artifact}: {', '.join(g.failures)}" for g in gates if not g)
-            if fallback_report is not None and len(fallback_report["steps"]) > 1:
-                best = next(g for g in gates if g.artifact == "onnx-int8")
-                failures += (f". The fallback tried {len(fallback_report['steps']) - 1} candidate(s); the best kept "
-                             f"{len(fallback_report['excluded_nodes'])} node(s) in float "
-                             f"({fallback_report['int8_mac_fraction']:.1%} of MACs int8): ΔAUC {best.delta_auc:+.4f}, "
-                             f"Δsensitivity {best.delta_sensitivity:+.4f}, flips {best.flips}")
+            for q_id, q_info in quant_summary.items():
+                fb_rep = q_info.get("fallback")
+                g_fb = next((g for g in gates if g.artifact == q_id), None)
+                if fb_rep is None or g_fb is None or g_fb.passed or len(fb_rep["steps"]) < 2:
+                    continue
+                failures += (f". {q_id}: the fallback tried {len(fb_rep['steps']) - 1} candidate(s); the best kept "
+                             f"{len(fb_rep['excluded_nodes'])} node(s) in float "
+                             f"({fb_rep['int8_mac_fraction']:.1%} of MACs int8): ΔAUC {g_fb.delta_auc:+.4f}, "
+                             f"Δsensitivity {g_fb.delta_sensitivity:+.4f}, flips {g_fb.flips}")
             raise GateFailedError(
                 f"clinical gate failed ({failures}); no bundle written. Report: {report_dir}/report.md. "
                 "Fix the model or calibration, relax the gate deliberately, or pass --allow-failed-gate"
+                + ("; if int8 cannot hold the gate on this model, ship fp32 only with --precisions fp32"
+                   if any(q.get("fallback") and not q["fallback"]["passed"] for q in quant_summary.values()) else "")
             )
         report_files = write_reports(staging, report)
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"

@@ -71,7 +71,9 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
             note = f"no fp32 reference can run in this install ({ref_id} needs a missing runtime): not gated"
             ref_art, unrunnable_reference = None, True
     evals = {k: evaluate(k, y, s, threshold, criteria) for k, s in scores.items()}
-    gates = [gate(k, y, scores[ref_id], s, threshold, criteria, ref_id, evals[ref_id])
+    quant = b.manifest.get("quantization") or {}
+    gates = [gate(k, y, scores[ref_id], s, threshold, criteria, ref_id, evals[ref_id],
+                  (quant.get(k) or {}).get("int8_mac_fraction"))
              for k, s in scores.items() if ref_art is not None and k != ref_id]
     passed = all(gates) and not unrunnable_reference
     quality = None

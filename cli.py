@@ -134,7 +134,8 @@ def _build_config(args: argparse.Namespace) -> Any:
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
-                            n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin)
+                            n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin,
+                            min_int8_mac_fraction=args.min_int8_macs)
     return BuildConfig(
         model=args.model, out=args.out, calib=args.calib, val=args.val, val_images=args.val_images,
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
@@ -241,6 +242,9 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
     g.add_argument("--noninferiority-margin", type=float, default=None,
                    help="require the paired-bootstrap 95%% CI lower bound of Δsensitivity above this (e.g. -0.02)")
+    g.add_argument("--min-int8-macs", type=float, default=0.5, metavar="FRACTION",
+                   help="an int8 file with a smaller share of its MACs in int8 fails (default 0.5: the accuracy-aware "
+                        "fallback may not turn it into an fp32 model); 0 accepts any (still flagged in the report)")
     g.add_argument("--allow-failed-gate", action="store_true",
                    help="write the bundle even if the gate fails (the manifest records the failure)")
 
@@ -281,7 +285,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--exclude-nodes", nargs="*", default=[], help="ONNX node names to keep in float from the start")
     b.add_argument("--no-fallback", action="store_true",
                    help="do not keep sensitive layers in float when plain int8 fails the gate")
-    b.add_argument("--fallback-max-trials", type=int, default=12)
+    b.add_argument("--fallback-max-trials", type=int, default=24)
     b.add_argument("--fallback-max-seconds", type=float, default=900.0)
     b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
     b.add_argument("--formats", default="onnx,tflite",

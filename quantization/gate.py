@@ -26,6 +26,9 @@ class GateCriteria:
     # When set, the lower 95 % bound of the paired-bootstrap Δsensitivity must lie above this margin
     # (non-inferiority, e.g. -0.02). Off by default; the CIs are always reported.
     noninferiority_margin: float | None = None
+    # An int8 artifact with a smaller share of its MACs in int8 fails: a mostly-fp32 file is not an int8 model
+    # (what a fallback that keeps too much in float produces). Ship the fp32 file instead, or set 0.
+    min_int8_mac_fraction: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +102,8 @@ class GateResult:
 
 def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candidate_scores: np.ndarray,
          threshold: float, criteria: GateCriteria, reference: str = "onnx-fp32",
-         reference_eval: Evaluation | None = None) -> GateResult:
+         reference_eval: Evaluation | None = None, int8_mac_fraction: float | None = None) -> GateResult:
+    """``int8_mac_fraction``: for int8 candidates, the share of MACs the file computes in int8."""
     ref = reference_eval or evaluate(reference, labels, reference_scores, threshold, criteria)
     cand = evaluate(artifact, labels, candidate_scores, threshold, criteria)
     d_auc = cand.auc - ref.auc
@@ -114,6 +118,10 @@ def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candid
         failures.append(f"sensitivity dropped {d_sens:+.4f} (limit {criteria.min_delta_sensitivity:+.4f})")
     if rate > criteria.max_flip_rate:
         failures.append(f"{flips} decisions flipped ({rate:.2%}, limit {criteria.max_flip_rate:.2%})")
+    if int8_mac_fraction is not None and int8_mac_fraction < criteria.min_int8_mac_fraction:
+        failures.append(f"only {int8_mac_fraction:.1%} of MACs run in int8 "
+                        f"(limit {criteria.min_int8_mac_fraction:.0%}):"
+                        " mostly fp32")
     ni = paired_bootstrap(labels, reference_scores, candidate_scores, threshold, criteria.n_boot, criteria.seed)
     margin = criteria.noninferiority_margin
     if margin is not None and ni.delta_sensitivity_ci[0] <= margin:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class TfliteQuantConfig:
     io_dtype: str = "int8"
     calibration: str = "global-minmax"
     float_ops: tuple[str, ...] = ()  # TFLite op names to leave in float (per-op fallback), e.g. "FULLY_CONNECTED"
+    float_scopes: tuple[str, ...] = ()  # single ops to leave in float, by op scope (their output tensor names)
     threads: int = 0  # calibration interpreter threads; 0: the machine's CPU count
     require_full_integer: bool = True  # refuse a result that is not full-integer (unless float_ops were asked)
 
@@ -53,6 +55,7 @@ class TfliteQuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["float_ops"] = list(self.float_ops)
+        d["float_scopes"] = list(self.float_scopes)
         return d
 
 
@@ -65,6 +68,10 @@ class TfliteQuantResult:
     coverage: TfliteGraphReport
     input_range: tuple[float, float] = (0.0, 0.0)  # calibrated range of the model input
     versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def int8_mac_fraction(self) -> float:
+        return self.coverage.int8_mac_fraction
 
     def to_dict(self) -> dict[str, Any]:
         cov = self.coverage
@@ -110,31 +117,53 @@ def _recipe(cfg: TfliteQuantConfig) -> Any:
             raise QuantizationError(f"unknown TFLite operation {op!r} for float fallback; use names such as "
                                     "CONV_2D, FULLY_CONNECTED, ADD, MEAN") from exc
         manager.add_quantization_config(".*", op_name, None, AlgorithmName.NO_QUANTIZE)
+    # later scope entries win over the ".*" defaults (RecipeManager.get_quantization_configs)
+    for scope in cfg.float_scopes:
+        manager.add_quantization_config(f"^{re.escape(scope)}$", qtyping.TFLOperationName.ALL_SUPPORTED, None,
+                                        AlgorithmName.NO_QUANTIZE)
     return manager
 
 
-def quantize_tflite(fp32_path: Path, out: Path, calib: np.ndarray, cfg: TfliteQuantConfig | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> TfliteQuantResult:
-    """Quantize ``fp32_path`` with ``calib`` (N, ...) float32 inputs in the file's own layout."""
-    import importlib.metadata as md
+@dataclass
+class TfliteCalibration:
+    """Activation ranges of one fp32 .tflite, reusable for many quantizations (e.g. the fallback loop)."""
 
+    fp32_path: Path
+    model_bytes: bytes
+    qsvs: dict[str, Any]
+    n_images: int
+    seconds: float
+
+
+def _quiet() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    sink = io.StringIO()
+    stack.enter_context(warnings.catch_warnings())
+    # preserve_all_tensors (how the calibrator reads every activation) warns that it is for debugging
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stderr(sink))
+    stack.enter_context(contextlib.redirect_stdout(sink))
+    return stack
+
+
+def calibrate_tflite(fp32_path: Path, calib: np.ndarray, cfg: TfliteQuantConfig | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> TfliteCalibration:
+    """Run ``calib`` (N, ...) float32 inputs in the file's own layout through the fp32 model, keeping ranges."""
     cfg = cfg or TfliteQuantConfig()
     _import_quantizer()
-    from ai_edge_quantizer import calibrator, quantizer
+    from ai_edge_quantizer import calibrator
     from ai_edge_quantizer.utils import qsv_utils
 
     if calib.ndim != 4 or not len(calib):
         raise QuantizationError(f"calibration inputs must be a non-empty (N, ...) image batch, got {calib.shape}")
     t0 = time.perf_counter()
-    manager = _recipe(cfg)
+    # calibrate with every op quantizable: ranges for a superset of what any fallback candidate needs
+    manager = _recipe(TfliteQuantConfig(io_dtype=cfg.io_dtype, calibration=cfg.calibration))
     model_bytes = fp32_path.read_bytes()
     threads = cfg.threads or os.cpu_count() or 1
     update = qsv_utils.min_max_update if cfg.calibration == "global-minmax" else qsv_utils.moving_average_update
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-            # preserve_all_tensors (how the calibrator reads every activation) warns that it is for debugging
-            warnings.simplefilter("ignore")
+        with _quiet():
             cal = calibrator.Calibrator(model_bytes, num_threads=threads, qsv_update_func=update)
             signature = cal.get_signature_list()
             if len(signature) != 1:
@@ -146,24 +175,51 @@ def quantize_tflite(fp32_path: Path, out: Path, calib: np.ndarray, cfg: TfliteQu
                 if progress is not None:
                     progress(i + 1, len(calib))
             qsvs = cal.get_model_qsvs()
-            qt = quantizer.Quantizer(model_bytes, manager.get_quantization_recipe())
-            result = qt.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
     except QuantizationError:
         raise
     except Exception as exc:
-        raise QuantizationError(f"ai-edge-quantizer failed on {fp32_path.name}: {type(exc).__name__}: {exc}") from exc
+        raise QuantizationError(f"ai-edge-quantizer calibration failed on {fp32_path.name}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    return TfliteCalibration(fp32_path, model_bytes, qsvs, len(calib), time.perf_counter() - t0)
+
+
+def quantize_calibrated(cal: TfliteCalibration, out: Path, cfg: TfliteQuantConfig | None = None) -> TfliteQuantResult:
+    """Write the int8 model for ``cfg`` (its float ops / scopes) from ranges calibrated once."""
+    import importlib.metadata as md
+
+    from ai_edge_quantizer import quantizer
+
+    cfg = cfg or TfliteQuantConfig()
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            qt = quantizer.Quantizer(cal.model_bytes, _recipe(cfg).get_quantization_recipe())
+            result = qt.quantize(cal.qsvs, enable_progress_bar=False, enable_progress_report=False)
+    except QuantizationError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"ai-edge-quantizer failed on {cal.fp32_path.name}: {type(exc).__name__}: {exc}"
+                                ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(result.quantized_model))
     coverage = inspect_tflite(out)
-    if cfg.require_full_integer and not cfg.float_ops and not coverage.full_integer:
+    asked_float = bool(cfg.float_ops or cfg.float_scopes)
+    if cfg.require_full_integer and not asked_float and not coverage.full_integer:
         raise QuantizationError(f"the int8 TFLite model is not full-integer: {coverage.summary()}. "
                                 "Pass the ops to keep in float explicitly if this is intended")
-    in_range = _input_range(qsvs, fp32_path)
+    in_range = _input_range(cal.qsvs, cal.fp32_path)
     versions = {}
     for dist in ("ai-edge-quantizer", "ai-edge-litert"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[dist] = md.version(dist)
-    return TfliteQuantResult(out, cfg, len(calib), time.perf_counter() - t0, coverage, in_range, versions)
+    return TfliteQuantResult(out, cfg, cal.n_images, cal.seconds + time.perf_counter() - t0, coverage, in_range,
+                             versions)
+
+
+def quantize_tflite(fp32_path: Path, out: Path, calib: np.ndarray, cfg: TfliteQuantConfig | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> TfliteQuantResult:
+    """Quantize ``fp32_path`` with ``calib`` (N, ...) float32 inputs in the file's own layout."""
+    return quantize_calibrated(calibrate_tflite(fp32_path, calib, cfg, progress), out, cfg)
 
 
 def _input_range(qsvs: dict[str, Any], fp32_path: Path) -> tuple[float, float]:

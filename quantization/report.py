@@ -11,6 +11,13 @@ from typing import Any
 from .quality_gate import render_quality_markdown
 
 
+def _kept_name(k: dict[str, str]) -> str:
+    """ "features.1.block.0.0 (Conv, node_Conv_510)"; TFLite scopes are too long to print whole."""
+    if not k["where"]:
+        return f"{k['node']} ({k['op_type']})"
+    return f"{k['where']} ({k['op_type']}" + (f", {k['node']})" if len(k["node"]) <= 40 else ")")
+
+
 def _f(v: Any, nd: int = 4) -> str:
     if v is None:
         return "-"
@@ -99,7 +106,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if fb["passed"] and not fb["excluded_nodes"]:
             lines.append("Plain int8 passed the gate: nothing kept in float.")
         else:
-            kept = ", ".join(f"{n} ({op})" for n, op in fb["kept_in_float"].items()) or "none"
+            detail = fb.get("kept_in_float_detail") or [{"node": n, "op_type": op, "where": ""}
+                                                        for n, op in fb["kept_in_float"].items()]
+            kept = ", ".join(_kept_name(k) for k in detail) or "none"
             lines.append(f"{'Passed' if fb['passed'] else 'NO candidate passed'} with "
                          f"{len(fb['excluded_nodes'])} node(s) kept in float: {kept}. "
                          f"int8 MAC share {fb['int8_mac_fraction']:.1%}.")
