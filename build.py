@@ -196,7 +196,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     from .export.validate import torch_outputs, validate_export
     from .quantization.debug import layer_errors
     from .quantization.fallback import MOSTLY_FLOAT, accuracy_aware_quantize
-    from .quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
+    from .quantization.quantize_onnx import OnnxQuantConfig, count_macs, preprocess_for_quantization, quantize_onnx
     from .runtime.compare import Tolerance
 
     say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -269,6 +269,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         t = _stage(say, 3, n_steps, f"exporting ONNX fp32 ({cfg.exporter} exporter) and checking parity")
         fp32_path = staging / "model.fp32.onnx"
         exp = export_onnx(loaded.module, fp32_path, spec.size, spec.layout, cfg.exporter)
+        # MACs of one inference, for device projections on the runtime side (which has no onnx package)
+        compute = {**count_macs(fp32_path), "input_size": spec.size}
         parity_parts = [val_in.tensors[:24], calib_in.tensors[:8]]
         if parity_in is not None:
             parity_parts.append(parity_in.tensors)
@@ -461,6 +463,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "quality": qspec.to_dict(),
             "quantization": quant_summary,
             "export": export_info,
+            "compute": compute,
             "producer": producer_versions(),
             **({"device": device_entry} if device_entry else {}),
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],
