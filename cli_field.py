@@ -119,7 +119,7 @@ def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
 
 def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
-    from .cli import screen_choices
+    from .cli import screen_choices, use_pipeline
     from .runtime import expand_inputs
     from .runtime.audit import AuditLog
     from .runtime.session import Patient, open_session
@@ -166,11 +166,8 @@ def screen_field(args: argparse.Namespace) -> int:
                                                             if session.status.verified else ""))
             if args.watch is not None:
                 return _run_watch(args, session, options, patient, stop, reason, head)
-            results = []
-            for src in sources:
-                if stop.is_set():
-                    break
-                results.append(session.screen_file(src, patient))
+            pipeline = use_pipeline(getattr(args, "pipeline", "off"), len(sources))
+            results = list(session.screen_files(sources, patient, pipeline=pipeline, stop=stop))
             interrupted = len(results) < len(sources)
             session.close(reason[0] if reason else "done")
         finally:
