@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fundus_edge.cli import main, use_pipeline
+from fundus_edge.cli import main, pipeline_settings, use_pipeline
 from fundus_edge.devices.profile import get_profile, profile_from_dict, read_toml
 from fundus_edge.devices.projection import LABEL, bound_ms, format_projection, project, project_artifacts
 from fundus_edge.errors import DeviceError, UsageError
@@ -171,6 +171,12 @@ def test_use_pipeline_choice() -> None:
     assert use_pipeline("on", 1) and not use_pipeline("off", 10)
     assert use_pipeline("auto", 10, cores=2) and not use_pipeline("auto", 10, cores=1)
     assert not use_pipeline("auto", 1, cores=4)
+    # pipelined with several inference threads: onnxruntime's idle threads stop spinning (unless set explicitly)
+    assert pipeline_settings(BackendSettings(threads=2), True).allow_spinning is False
+    assert pipeline_settings(BackendSettings(threads=0), True).allow_spinning is False
+    assert pipeline_settings(BackendSettings(threads=1), True).allow_spinning is None
+    assert pipeline_settings(BackendSettings(threads=2), False).allow_spinning is None
+    assert pipeline_settings(BackendSettings(threads=2, allow_spinning=True), True).allow_spinning is True
 
 
 # ---------------------------------------------------------------------------------------------- ORT options
