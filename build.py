@@ -244,6 +244,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     from .quantization.quantize_onnx import (
         OnnxQuantConfig,
         OnnxQuantResult,
+        count_macs,
         preprocess_for_quantization,
         quantize_onnx,
     )
@@ -319,6 +320,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         t = _stage(say, 3, n_steps, f"exporting ONNX fp32 ({cfg.exporter} exporter) and checking parity")
         fp32_path = staging / "model.fp32.onnx"
         exp = export_onnx(loaded.module, fp32_path, spec.size, spec.layout, cfg.exporter)
+        # MACs of one inference, for device projections on the runtime side (which has no onnx package)
+        compute = {**count_macs(fp32_path), "input_size": spec.size}
         parity_parts = [val_in.tensors[:24], calib_in.tensors[:8]]
         if parity_in is not None:
             parity_parts.append(parity_in.tensors)
@@ -520,6 +523,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             "quality": qspec.to_dict(),
             "quantization": quant_summary,
             "export": export_info,
+            "compute": compute,
             "producer": producer_versions(),
             **({"device": device_entry} if device_entry else {}),
             "files": [a["path"] for a in artifacts] + [str(p.relative_to(staging)) for p in report_files],

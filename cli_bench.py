@@ -23,9 +23,17 @@ def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import SAMPLES
+    from .devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
     from .runtime.backends import BackendSettings
-    from .runtime.bench import format_table, run_bench
+    from .runtime.bench import bundle_macs, format_table, run_bench
+    from .runtime.bundle import load_bundle
     from .runtime.screen import expand_inputs
+
+    if args.project:  # an unknown device fails before the benchmark runs, not after
+        from .devices.profile import get_profile
+
+        for name in args.project:
+            get_profile(name)
 
     with tempfile.TemporaryDirectory(prefix="fe-bench-") as tmp:
         images = expand_inputs(args.images) if args.images else []
@@ -35,13 +43,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 images += expand_inputs([SAMPLES])
         rows = run_bench(args.bundle, images, BackendSettings(threads=args.threads), args.artifacts,
                          repeats=args.repeats, cold=not args.no_cold_start)
+    devices = DEFAULT_DEVICES if args.project is None else tuple(args.project)
+    macs, macs_source = bundle_macs(load_bundle(args.bundle))
+    projections = project_artifacts(macs, [(r.artifact, r.precision) for r in rows], devices)
     payload: dict[str, Any] = {"bundle": str(args.bundle), "threads": args.threads, "images": len(images),
-                               "rows": [r.to_dict() for r in rows]}
+                               "rows": [r.to_dict() for r in rows],
+                               "projection": {"label": LABEL, "macs": macs, "macs_source": macs_source,
+                                              "devices": list(devices),
+                                              "rows": [p.to_dict() for p in projections]}}
+    for r in payload["rows"]:
+        r["projection"] = {p.device: {"bound_ms": p.bound_ms, "projected_ms": p.projected_ms}
+                           for p in projections if p.artifact == r["artifact"]}
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
         print(f"{len(images)} images x {args.repeats} warm runs, {args.threads} inference thread(s)")
         print(format_table(rows))
+        if devices:
+            print()
+            print(format_projection(projections, macs, macs_source, devices))
     return 0
 
 
@@ -53,5 +73,8 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold start / RSS run")
+    p.add_argument("--project", nargs="*", metavar="DEVICE",
+                   help="device profiles for the inference projection table (default: rpi4 rpi5 jetson-orin-nano; "
+                        "--project alone: no table); a projection from the model's MACs, not a measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -119,7 +119,7 @@ def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
 
 def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
-    from .cli import screen_choices
+    from .cli import pipeline_settings, screen_choices, use_pipeline
     from .runtime import expand_inputs
     from .runtime.audit import AuditLog
     from .runtime.session import Patient, open_session
@@ -153,11 +153,16 @@ def screen_field(args: argparse.Namespace) -> int:
     # Signals are caught from before the bundle loads: a SIGTERM that arrives while loading (or between loading
     # and the watch loop) stops the run cleanly instead of killing it.
     with stop_on_signals(stop, reason):
+        pipeline = use_pipeline(getattr(args, "pipeline", "off"), len(sources))  # watch mode: no batch
+
+        def choose(b: Any) -> tuple[str | None, str | None, Any]:
+            artifact, fmt, settings = screen_choices(args, lambda: b)
+            return artifact, fmt, pipeline_settings(settings, pipeline)
+
         try:
             store = ResultStore(args.store) if args.store else None
             session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
-                                   choose=lambda b: screen_choices(args, lambda: b),
-                                   mode="watch" if args.watch is not None else "batch")
+                                   choose=choose, mode="watch" if args.watch is not None else "batch")
             if policy.active and not session.status.signed:
                 print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
                       "are not required (--require-signature)", file=sys.stderr)
@@ -166,11 +171,7 @@ def screen_field(args: argparse.Namespace) -> int:
                                                             if session.status.verified else ""))
             if args.watch is not None:
                 return _run_watch(args, session, options, patient, stop, reason, head)
-            results = []
-            for src in sources:
-                if stop.is_set():
-                    break
-                results.append(session.screen_file(src, patient))
+            results = list(session.screen_files(sources, patient, pipeline=pipeline, stop=stop))
             interrupted = len(results) < len(sources)
             session.close(reason[0] if reason else "done")
         finally:

@@ -83,6 +83,28 @@ class MemorySpec:
 
 
 @dataclass(frozen=True)
+class ComputeSpec:
+    """Peak arithmetic of the device's CPU and the share of it inference reaches (for projections only).
+
+    ``*_macs_per_cycle``: multiply-accumulates per cycle per core at that precision; ``*_efficiency``: measured
+    (or assumed) latency bound / latency of real networks, in (0, 1]; ``efficiency_source`` says which.
+    """
+
+    int8_macs_per_cycle: float
+    fp32_macs_per_cycle: float
+    int8_efficiency: float
+    fp32_efficiency: float
+    efficiency_source: str
+
+    def macs_per_cycle(self, precision: str) -> float:
+        """fp16 artifacts run fp32 arithmetic on these CPUs' execution providers."""
+        return self.int8_macs_per_cycle if precision == "int8" else self.fp32_macs_per_cycle
+
+    def efficiency(self, precision: str) -> float:
+        return self.int8_efficiency if precision == "int8" else self.fp32_efficiency
+
+
+@dataclass(frozen=True)
 class RuntimeSpec:
     artifacts: tuple[ArtifactPreference, ...]
     backends: tuple[str, ...]
@@ -133,6 +155,7 @@ class DeviceProfile:
     install: InstallSpec
     unsupported: str = ""
     source: str = ""
+    compute: ComputeSpec | None = None  # optional [compute]: peak MACs and efficiency (bench projections)
 
     def __post_init__(self) -> None:
         where = f"device profile {self.name!r} ({self.source or 'in memory'})"
@@ -167,6 +190,12 @@ class DeviceProfile:
             raise DeviceError(f"{where}: install.python and install.glibc must look like '3.11' and '2.36'")
         if not self.supported and not self.unsupported:
             raise DeviceError(f"{where}: an unsupported profile must say why in 'unsupported'")
+        c = self.compute
+        if c is not None:
+            if min(c.int8_macs_per_cycle, c.fp32_macs_per_cycle) <= 0 or self.cpu.max_freq_khz <= 0:
+                raise DeviceError(f"{where}: [compute] needs MACs per cycle > 0 and cpu.max_freq_khz > 0")
+            if not (0 < c.int8_efficiency <= 1 and 0 < c.fp32_efficiency <= 1):
+                raise DeviceError(f"{where}: [compute] efficiencies must be in (0, 1]")
 
     @property
     def threads(self) -> int:
@@ -226,9 +255,22 @@ def profile_from_dict(d: dict[str, Any], source: str = "") -> DeviceProfile:
                                 pip=str(_need(inst, "pip", where)),
                                 notes=tuple(_tuple(inst.get("notes", []), where, "notes"))),
             source=source,
+            compute=_compute(d.get("compute"), where),
         )
     except (TypeError, ValueError) as exc:
         raise DeviceError(f"{where}: {exc}") from exc
+
+
+def _compute(c: Any, where: str) -> ComputeSpec | None:
+    if c is None:
+        return None
+    if not isinstance(c, dict):
+        raise DeviceError(f"{where}: [compute] must be a table")
+    return ComputeSpec(int8_macs_per_cycle=float(_need(c, "int8_macs_per_cycle", where)),
+                       fp32_macs_per_cycle=float(_need(c, "fp32_macs_per_cycle", where)),
+                       int8_efficiency=float(_need(c, "int8_efficiency", where)),
+                       fp32_efficiency=float(_need(c, "fp32_efficiency", where)),
+                       efficiency_source=str(c.get("efficiency_source", "")))
 
 
 def read_toml(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:

@@ -143,8 +143,8 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
 _MAC_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 
 
-def summarize_qdq(path: Path, result: OnnxQuantResult) -> None:
-    """Count ops, which compute ops run on quantized inputs, and the share of MACs that are int8."""
+def _graph_facts(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, list[int]]]:
+    """The shape-inferred graph, its producers by output name, initializers, and every value's shape (batch 1)."""
     import onnx
     from onnx import shape_inference
 
@@ -156,6 +156,35 @@ def summarize_qdq(path: Path, result: OnnxQuantResult) -> None:
     for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
         dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
         shapes[vi.name] = dims
+    return graph, producers, inits, shapes
+
+
+def count_macs(path: str | Path) -> dict[str, Any]:
+    """Multiply-accumulates of one inference (batch 1) of an ONNX model: Conv, ConvTranspose, MatMul, Gemm.
+
+    Recorded in the bundle manifest (``compute``) at build time, so the torch/onnx-free runtime can project
+    latency on devices (``fundus-edge bench``). Ops whose weight or output shape is unknown count 0 and are
+    listed in ``uncounted``.
+    """
+    graph, producers, inits, shapes = _graph_facts(Path(path))
+    total = 0.0
+    by_op: Counter[str] = Counter()
+    uncounted: list[str] = []
+    for n in graph.node:
+        if n.op_type not in _MAC_OPS:
+            continue
+        macs = _macs(n, shapes, inits, producers)
+        if macs <= 0:
+            uncounted.append(n.name or n.op_type)
+        by_op[n.op_type] += int(macs)
+        total += macs
+    return {"macs": int(total), "by_op": dict(sorted(by_op.items())), "uncounted": uncounted,
+            "counted_on": Path(path).name, "ops": list(_MAC_OPS)}
+
+
+def summarize_qdq(path: Path, result: OnnxQuantResult) -> None:
+    """Count ops, which compute ops run on quantized inputs, and the share of MACs that are int8."""
+    graph, producers, inits, shapes = _graph_facts(path)
     counts: Counter[str] = Counter(n.op_type for n in graph.node)
     quantized: Counter[str] = Counter()
     floating: Counter[str] = Counter()

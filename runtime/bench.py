@@ -175,6 +175,31 @@ def run_bench(bundle_path: str | os.PathLike[str], images: list[str], settings: 
     return rows
 
 
+def bundle_macs(bundle: Bundle) -> tuple[int | None, str]:
+    """MACs of one inference of the bundle's network, and where the number comes from.
+
+    The manifest's ``compute.macs`` (counted on the fp32 ONNX at build time); for bundles built before that
+    field, the MACs of a .tflite artifact counted from the file by the LiteRT interpreter when it is installed
+    (the runtime has no onnx package to read an ONNX graph); otherwise None.
+    """
+    compute = bundle.manifest.get("compute") or {}
+    if isinstance(compute.get("macs"), int) and compute["macs"] > 0:
+        return int(compute["macs"]), f"manifest, counted on {compute.get('counted_on', 'the fp32 model')}"
+    for art in bundle.artifacts:
+        if art.format != "tflite":
+            continue
+        try:
+            from .tflite_graph import inspect_tflite
+
+            report = inspect_tflite(bundle.path(art))
+        except Exception:  # no LiteRT here, or an unreadable file: fall through to "n/a"
+            continue
+        if report.integer_macs + report.float_macs > 0:
+            return report.integer_macs + report.float_macs, f"counted on {art.path} (manifest has no MAC count)"
+    return None, "the manifest has no MAC count (bundle built before it was recorded; rebuild it) and no .tflite " \
+                 "artifact could be read"
+
+
 def format_table(rows: list[BenchRow]) -> str:
     head = (f"{'artifact':<12} {'MB':>6} {'decode':>13} {'preprocess':>13} {'quality':>13} {'infer':>13} "
             f"{'post':>6} {'e2e p50':>8} {'img/s':>7} {'cold s':>7} {'RSS MB':>7}")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from ..errors import ImageError, UsageError
 from .backends import Backend, BackendSettings, create_backend
@@ -48,11 +51,26 @@ class ScreeningResult:
         return d
 
 
+@dataclass
+class Prepared:
+    """An image after decode, preprocessing and the quality check: what :meth:`Screener.finish` infers on.
+
+    ``tensor`` is None when the result is already final (the image could not be read, or is ungradable)."""
+
+    result: ScreeningResult
+    tensor: np.ndarray | None = None
+
+
 class Screener:
-    """A bundle plus an active backend. Create with :func:`fundus_edge.runtime.load`."""
+    """A bundle plus an active backend. Create with :func:`fundus_edge.runtime.load`.
+
+    ``reuse_buffers``: normalisation writes into preallocated input tensors (two: one per pipeline stage)
+    instead of a new array per image. ``screen_many(..., pipeline=True)`` decodes and preprocesses image N+1 in a
+    worker thread while image N is inferred (Pillow's decoder and onnxruntime/LiteRT release the GIL).
+    """
 
     def __init__(self, bundle: Bundle, artifact: Artifact, backend: Backend,
-                 quality: QualitySpec | None = None) -> None:
+                 quality: QualitySpec | None = None, reuse_buffers: bool = True) -> None:
         self.bundle = bundle
         self.artifact = artifact
         self.backend = backend
@@ -60,17 +78,33 @@ class Screener:
         self.spec = bundle.preprocessing
         if artifact.layout != self.spec.layout:
             self.spec = type(self.spec).from_dict({**self.spec.to_dict(), "layout": artifact.layout})
+        self.reuse_buffers = reuse_buffers
+        self._buffers: list[np.ndarray] = []
 
-    def screen(self, source: str | os.PathLike[str] | bytes) -> ScreeningResult:
-        """Screen one image. Bad images give a result with ``error`` set; they never raise."""
+    def input_buffer(self, slot: int = 0) -> np.ndarray | None:
+        """The preallocated input tensor ``slot`` (0 or 1), or None when buffers are not reused."""
+        if not self.reuse_buffers:
+            return None
+        s = self.spec.size
+        shape = (1, 3, s, s) if self.spec.layout == "NCHW" else (1, s, s, 3)
+        while len(self._buffers) <= slot:
+            self._buffers.append(np.empty(shape, dtype=np.float32))
+        return self._buffers[slot]
+
+    def prepare(self, source: str | os.PathLike[str] | bytes, slot: int = 0) -> Prepared:
+        """Decode, preprocess and check the quality of one image: all of screening before inference.
+
+        Bad images give a final result with ``error`` set; they never raise. The tensor is written into input
+        buffer ``slot``: it is valid until the next ``prepare`` with the same slot."""
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         result = ScreeningResult(source=name, bundle_id=self.bundle.bundle_id, artifact=self.artifact.id)
         check = self.quality.enabled
         try:
-            pre = preprocess(source, self.spec, quality_size=self.quality.size if check else None)
+            pre = preprocess(source, self.spec, out=self.input_buffer(slot),
+                             quality_size=self.quality.size if check else None)
         except ImageError as exc:
             result.error = {"code": exc.code, "message": str(exc)}
-            return result
+            return Prepared(result)
         result.fov = pre.fov.to_dict()
         result.timings_ms = dict(pre.timings_ms)
         if check:  # an ungradable image gets no referral decision, and no inference
@@ -79,9 +113,16 @@ class Screener:
             result.timings_ms["quality"] = q.timings_ms
             if not q:
                 result.decision = "ungradable"
-                return result
+                return Prepared(result)
+        return Prepared(result, pre.tensor)
+
+    def finish(self, prepared: Prepared) -> ScreeningResult:
+        """Inference and post-processing of a prepared image (nothing to do when its result is final)."""
+        result = prepared.result
+        if prepared.tensor is None:
+            return result
         t0 = time.perf_counter()
-        logits = self.backend.infer(pre.tensor)
+        logits = self.backend.infer(prepared.tensor)
         t1 = time.perf_counter()
         p = float(referable_probability(logits, self.bundle.positive_classes)[0])
         t2 = time.perf_counter()
@@ -91,9 +132,21 @@ class Screener:
         result.timings_ms.update(infer=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
         return result
 
-    def screen_many(self, sources: Iterable[str | os.PathLike[str]]) -> Iterator[ScreeningResult]:
-        for s in sources:
-            yield self.screen(s)
+    def screen(self, source: str | os.PathLike[str] | bytes) -> ScreeningResult:
+        """Screen one image. Bad images give a result with ``error`` set; they never raise."""
+        return self.finish(self.prepare(source))
+
+    def screen_many(self, sources: Iterable[str | os.PathLike[str] | bytes],
+                    pipeline: bool = False) -> Iterator[ScreeningResult]:
+        """Screen images in order, one result each (bad images included).
+
+        ``pipeline``: decode + preprocess the next image in a worker thread while this one is inferred; the
+        results are the same, in the same order."""
+        if not pipeline:
+            for s in sources:
+                yield self.screen(s)
+            return
+        yield from overlapped(sources, self.prepare, self.finish)
 
     def close(self) -> None:
         self.backend.deactivate()
@@ -105,9 +158,47 @@ class Screener:
         self.close()
 
 
+S = TypeVar("S")
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def overlapped(items: Iterable[S], first: Callable[[S, int], P], second: Callable[[P], R],
+               should_stop: Callable[[], bool] | None = None) -> Iterator[R]:
+    """``second(first(item))`` for every item, in order, with ``first`` of the next item running in a worker
+    thread while ``second`` runs here. ``first`` gets a slot (0/1, alternating) so that the two items in flight
+    never share a buffer. An exception is raised where the serial loop would raise it. ``should_stop``: checked
+    before each ``second``; once true, nothing more is completed (an item already in ``first`` is dropped)."""
+    it = iter(items)
+    if should_stop is not None and should_stop():
+        return
+    try:
+        head = next(it)
+    except StopIteration:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fe-prepare") as pool:
+        slot = 0
+        pending = pool.submit(first, head, slot)
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                upcoming = None
+            else:
+                slot ^= 1
+                upcoming = pool.submit(first, item, slot)
+            done = pending.result()
+            if should_stop is not None and should_stop():
+                return
+            yield second(done)
+            if upcoming is None:
+                return
+            pending = upcoming
+
+
 def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, fmt: str | None = None,
          precision: str | None = None, settings: BackendSettings | None = None,
-         quality: QualitySpec | None = None) -> Screener:
+         quality: QualitySpec | None = None, reuse_buffers: bool = True) -> Screener:
     """Load and verify a bundle, pick an artifact (default: the manifest's), and activate its backend.
 
     ``quality``: replaces the bundle's quality spec (e.g. to measure without the gate: ``enabled=False``).
@@ -116,7 +207,7 @@ def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, f
     art = b.artifact(artifact, fmt=fmt, precision=precision)
     backend = create_backend(art.format, b.path(art), settings)
     backend.activate()
-    return Screener(b, art, backend, quality)
+    return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers)
 
 
 def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from ..errors import FundusEdgeError, ImageError
 from .audit import AuditLog
 from .backends import BackendSettings
 from .bundle import Bundle
-from .screen import Screener, ScreeningResult, load
+from .screen import Prepared, Screener, ScreeningResult, load, overlapped
 from .signing import SignatureStatus, TrustPolicy, verify_bundle
-from .store import ResultStore, StoredScreening, normalize_eye, validate_patient_id
+from .store import ResultStore, StoredScreening, StoreReader, normalize_eye, validate_patient_id
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 """Files larger than this are refused (``too-large``) without being read into memory."""
@@ -43,6 +44,18 @@ class Patient:
 
     def __repr__(self) -> str:  # keep patient fields out of tracebacks and debug output
         return f"Patient(patient_id={'<set>' if self.patient_id else None}, eye={'<set>' if self.eye else None})"
+
+
+@dataclass
+class _Fetched:
+    """One file read for screening: its record so far, bytes (None when unreadable or refused) and error;
+    ``prepared``: what the pipeline's worker made of the bytes (or the exception it raised)."""
+
+    rec: StoredScreening
+    patient: Patient
+    data: bytes | None
+    error: dict[str, str] | None
+    prepared: Prepared | Exception | None = None
 
 
 def _sha256_file(path: Path) -> str:
@@ -78,9 +91,12 @@ class FieldSession:
             backend=self.screener.backend.name, signature_key_id=self.status.key_id if self.status.verified else None,
             session_id=self.session_id)
 
-    def _screen_bytes(self, data: bytes) -> ScreeningResult:
+    def _screen_bytes(self, data: bytes, prepared: Prepared | Exception | None = None) -> ScreeningResult:
+        """Screen ``data`` (or finish what the pipeline's worker prepared from it, or re-raise its failure)."""
         try:
-            return self.screener.screen(data)
+            if isinstance(prepared, Exception):
+                raise prepared
+            return self.screener.finish(prepared) if prepared is not None else self.screener.screen(data)
         except ImageError as exc:  # Screener.screen already turns these into results; belt and braces
             return ScreeningResult(source="", error={"code": exc.code, "message": str(exc)})
         except Exception as exc:  # one image must never end the session
@@ -93,6 +109,34 @@ class FieldSession:
         """Screen one file (or return its stored screening). Never raises for a bad image; raises
         :class:`~fundus_edge.errors.StoreError` when the store cannot record (nothing is recorded then)."""
         patient = patient or Patient()
+        return self._complete(self._read(path, patient))
+
+    def screen_files(self, paths: Iterable[str | os.PathLike[str]], patient: Patient | None = None,
+                     pipeline: bool = False, stop: threading.Event | None = None) -> Iterator[StoredScreening]:
+        """:meth:`screen_file` for each path, in order; stops before the next file once ``stop`` is set.
+
+        ``pipeline``: a worker thread reads, hashes and (unless the store already has the image) decodes and
+        preprocesses the next file while this one is inferred and recorded. Whether a file is screened or taken
+        from the store is still decided here, just before it would be screened, after every earlier file was
+        recorded: the same results as one file at a time (a duplicate in the batch is found in the store)."""
+        patient = patient or Patient()
+        stopped = (lambda: stop.is_set()) if stop is not None else None
+        if not pipeline:
+            for path in paths:
+                if stopped is not None and stopped():
+                    return
+                yield self._complete(self._read(path, patient))
+            return
+        probe = self.store.reader() if self.store is not None else None
+        try:
+            yield from overlapped(paths, lambda path, slot: self._prefetch(path, patient, slot, probe),
+                                  self._complete, stopped)
+        finally:
+            if probe is not None:
+                probe.close()
+
+    def _read(self, path: str | os.PathLike[str], patient: Patient) -> _Fetched:
+        """The file's bytes and sha256 (or why they cannot be had)."""
         p = Path(path)
         rec = self._base(str(p), None, patient)
         data: bytes | None = None
@@ -108,12 +152,32 @@ class FieldSession:
                 rec.image_sha256 = hashlib.sha256(data).hexdigest()
         except OSError as exc:
             error = {"code": "not-found", "message": f"cannot read {p}: {exc.strerror or exc}"}
+        return _Fetched(rec, patient, data, error)
+
+    def _prefetch(self, path: str | os.PathLike[str], patient: Patient, slot: int,
+                  probe: StoreReader | None) -> _Fetched:
+        """The pipeline's worker: read and hash, and prepare the image unless the store already has it."""
+        f = self._read(path, patient)
+        if f.data is None:
+            return f
+        sha = f.rec.image_sha256
+        if probe is not None and sha is not None and probe.has(sha, f.rec.manifest_sha256, f.rec.artifact):
+            return f  # stored: _complete will find it and take it from the store
+        try:
+            f.prepared = self.screener.prepare(f.data, slot)
+        except Exception as exc:  # contained and audited in _complete, as screen_file does
+            f.prepared = exc
+        return f
+
+    def _complete(self, f: _Fetched) -> StoredScreening:
+        """Take the file's screening from the store, or screen it, record it and audit errors."""
+        rec, patient, error = f.rec, f.patient, f.error
         if self.store is not None and rec.image_sha256 is not None:
             existing = self.store.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact)
             if existing is not None:
                 return self._repeat(existing, patient)
-        if data is not None:
-            result = self._screen_bytes(data)
+        if f.data is not None:
+            result = self._screen_bytes(f.data, f.prepared)
             rec.ok = bool(result)
             rec.decision = result.decision
             rec.probability = result.probability

@@ -159,6 +159,11 @@ class StoredScreening:
         return cls(**d)
 
 
+# A final screening of these image bytes under this bundle and artifact (an internal error is not final).
+_FINAL = ("image_sha256 = ? AND manifest_sha256 = ? AND artifact = ? AND "
+          "(error_code IS NULL OR error_code NOT IN ('internal-error'))")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
     conn.row_factory = sqlite3.Row
@@ -226,13 +231,16 @@ class ResultStore:
     def lookup(self, image_sha256: str, manifest_sha256: str, artifact: str) -> StoredScreening | None:
         """The stored, final screening of these image bytes under this bundle and artifact, if any."""
         try:
-            row = self._conn.execute(
-                "SELECT * FROM screenings WHERE image_sha256 = ? AND manifest_sha256 = ? AND artifact = ? AND "
-                "(error_code IS NULL OR error_code NOT IN ('internal-error')) ORDER BY id LIMIT 1",
-                (image_sha256, manifest_sha256, artifact)).fetchone()
+            row = self._conn.execute(f"SELECT * FROM screenings WHERE {_FINAL} ORDER BY id LIMIT 1",
+                                     (image_sha256, manifest_sha256, artifact)).fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"reading the result store {self.path} failed: {exc}") from exc
         return StoredScreening.from_row(row) if row is not None else None
+
+    def reader(self) -> StoreReader:
+        """A lookup-only view of this store with its own connection, for another thread (the screening
+        pipeline's worker asks it whether an image is stored before decoding it)."""
+        return StoreReader(self.path)
 
     def add(self, rec: StoredScreening) -> tuple[StoredScreening, bool]:
         """Insert ``rec`` (its ``id``/``created_at`` are assigned here) unless an equivalent final screening
@@ -305,6 +313,31 @@ class ResultStore:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class StoreReader:
+    """Whether a final screening is stored: a hint only (the writer's own lookup decides). Its connection is
+    opened on first use, in the thread that uses it; any failure reads as "not stored"."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def has(self, image_sha256: str, manifest_sha256: str, artifact: str) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0,
+                                             check_same_thread=False)
+            row = self._conn.execute(f"SELECT 1 FROM screenings WHERE {_FINAL} LIMIT 1",
+                                     (image_sha256, manifest_sha256, artifact)).fetchone()
+        except sqlite3.Error:
+            return False
+        return row is not None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def export_rows(rows: Iterator[StoredScreening], out: TextIO, fmt: str, include_patient: bool = True) -> int:

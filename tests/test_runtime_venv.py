@@ -48,7 +48,8 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
     py = runtime_venv / "bin" / "python"
     code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli, fundus_edge.quality_calibration,"
             " fundus_edge.devices.cli, fundus_edge.devices.emulate, fundus_edge.devices.package,"
-            " fundus_edge.devices.doctor, fundus_edge.devices.worker, fundus_edge.devices.emuroot;"
+            " fundus_edge.devices.doctor, fundus_edge.devices.worker, fundus_edge.devices.emuroot,"
+            " fundus_edge.devices.projection, fundus_edge.runtime.bench;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0

@@ -23,11 +23,20 @@ class BackendSettings:
 
     threads: int = 1
     providers: tuple[str, ...] = ()
-    graph_optimization: str = "all"  # onnxruntime: "disabled" | "basic" | "extended" | "all"
+    # onnxruntime session options; the defaults are what benchmarks/ort_options.py measured best (README, Speed)
+    graph_optimization: str = "all"  # "disabled" | "basic" | "extended" | "all"
+    mem_arena: bool = True  # enable_cpu_mem_arena
+    mem_pattern: bool = True  # enable_mem_pattern
+    # session.intra_op.allow_spinning: None leaves onnxruntime's default (spin), False stops idle intra-op threads
+    # from spinning (they then leave the cores to decoding, the pipeline's worker and other processes)
+    allow_spinning: bool | None = None
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise UsageError(f"threads must be >= 0 (0 lets the backend decide), got {self.threads}")
+        if self.graph_optimization not in ("disabled", "basic", "extended", "all"):
+            raise UsageError(f"graph_optimization must be disabled, basic, extended or all, got "
+                             f"{self.graph_optimization!r}")
 
 
 @dataclass

@@ -31,7 +31,13 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.settings.graph_optimization])
+        opts.enable_cpu_mem_arena = self.settings.mem_arena
+        opts.enable_mem_pattern = self.settings.mem_pattern
+        if self.settings.allow_spinning is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                          "1" if self.settings.allow_spinning else "0")
         opts.log_severity_level = 3
+        self.session_options = opts
         available = ort.get_available_providers()
         wanted = [p for p in self.settings.providers if p in available] or ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)
