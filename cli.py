@@ -190,8 +190,26 @@ def _build_summary(result: Any) -> str:
         lines.append(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), sensitivity "
                      f"{g['sensitivity']:.4f} (Δ {g['delta_sensitivity']:+.4f}), specificity {g['specificity']:.4f},"
                      f" flips {g['flips']}/{ref['n']} -> {'PASS' if g['passed'] else 'FAIL'}")
+    lines += fallback_lines(rep)
     lines.append(f"clinical gate: {'PASSED' if rep['gate_passed'] else 'FAILED'}; bundle: {result.out}")
     return "\n".join(lines)
+
+
+def fallback_lines(report: dict[str, Any]) -> list[str]:
+    """One line per int8 artifact whose plain quantization failed the gate: what the fallback kept in float."""
+    lines = []
+    for q_id, q in (report.get("quantization") or {}).items():
+        fb = q.get("fallback")
+        if not fb or len(fb["steps"]) < 2:
+            continue
+        first = fb["steps"][0]
+        kept = ", ".join(f"{k['where'] or k['node']} ({k['op_type']})" for k in fb.get("kept_in_float_detail", []))
+        lines.append(f"{q_id}: plain int8 FAILED ({'; '.join(first['failures'])}); the accuracy-aware fallback "
+                     f"{'passed' if fb['passed'] else 'found nothing that passes'} after {len(fb['steps']) - 1} "
+                     f"candidate(s), keeping {len(fb['excluded_nodes'])} layer(s) in float: {kept or 'none'}; "
+                     f"{fb['int8_mac_fraction']:.1%} of MACs int8"
+                     + (" (MOSTLY FP32)" if fb.get("mostly_float") else ""))
+    return lines
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -254,7 +272,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, samples=args.samples, json_out=args.json, force=True)
+    return run_demo(args.out, samples=args.samples, json_out=args.json, force=True, fragile=not args.skip_fragile)
 
 
 def _add_gate_args(p: argparse.ArgumentParser) -> None:
@@ -364,6 +382,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("demo-out"))
     d.add_argument("--samples", type=Path, default=SAMPLES, help="real photographs to screen at the end")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--skip-fragile", action="store_true",
+                   help="skip the second part: the PTQ-fragile MobileNetV3 reference and the accuracy-aware fallback")
     d.set_defaults(func=cmd_demo)
 
     for module_name in COMMAND_MODULES:

@@ -76,6 +76,7 @@ class FallbackResult:
     steps: list[FallbackStep] = field(default_factory=list)
     ranking: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)  # the ops actually left in float (graph names)
 
     @property
     def mostly_float(self) -> bool:
@@ -85,6 +86,7 @@ class FallbackResult:
         return {
             "passed": self.passed,
             "excluded_nodes": self.excluded,
+            "float_nodes": self.float_nodes,
             "kept_in_float": {n: r["op_type"] for r in self.ranking for n in [r["node"]] if n in self.excluded},
             # in exclusion order, with where each node sits in the source model (module path)
             "kept_in_float_detail": [{"node": r["node"], "op_type": r["op_type"], "where": r.get("where", "")}
@@ -135,6 +137,8 @@ class FallbackTarget(Protocol):
 
     def describe(self, node: str) -> str: ...  # where the node sits in the source model, for people
 
+    def nodes(self, excluded: list[str]) -> list[str]: ...  # the graph's own op names these candidates keep float
+
     def quantize(self, excluded: list[str], path: Path) -> QuantOutcome: ...
 
 
@@ -160,17 +164,45 @@ class OnnxTarget:
         return self.fp32
 
     def candidates(self) -> list[tuple[str, str]]:
+        """One candidate per activation tensor: keeping it float means excluding its producer *and* every
+        consumer. Excluding one node is not enough in QDQ: a tensor between a quantized producer and a
+        quantized consumer stays quantized whichever single node is excluded (measured: on the ViT reference,
+        32 single nodes in float still left 7 flips; the residual stream into LayerNorm never went float)."""
         import onnx
 
         graph = onnx.load(str(self.preprocessed)).graph
-        self._where = {n.name: module_path(n) for n in graph.node}
-        return [(n.name, n.op_type) for n in graph.node if n.op_type in _RANKED_OPS and n.name]
+        producer = {o: n for n in graph.node for o in n.output if n.name}
+        consumers: dict[str, list[Any]] = {}
+        for n in graph.node:
+            for i in n.input:
+                if n.name and i:
+                    consumers.setdefault(i, []).append(n)
+        initializers = {i.name for i in graph.initializer}
+        self._units: dict[str, list[str]] = {}
+        self._labels: dict[str, str] = {}
+        out = []
+        for tensor, users in consumers.items():
+            if tensor in initializers:
+                continue
+            prod = producer.get(tensor)
+            nodes = ([prod] if prod is not None else []) + users
+            if not any(n.op_type in _RANKED_OPS for n in nodes):
+                continue
+            self._units[tensor] = sorted({n.name for n in nodes})
+            self._labels[tensor] = module_path(prod) if prod is not None else "input"
+            ops = f"{prod.op_type if prod is not None else 'input'}->{'/'.join(sorted({u.op_type for u in users}))}"
+            out.append((tensor, ops))
+        return out
 
     def describe(self, node: str) -> str:
-        return getattr(self, "_where", {}).get(node, "")
+        return getattr(self, "_labels", {}).get(node, "")
+
+    def nodes(self, excluded: list[str]) -> list[str]:
+        units = getattr(self, "_units", {})
+        return sorted({n for t in excluded for n in units.get(t, [t])})
 
     def quantize(self, excluded: list[str], path: Path) -> OnnxQuantResult:
-        cfg = replace(self.config, nodes_to_exclude=tuple(self.config.nodes_to_exclude) + tuple(excluded))
+        cfg = replace(self.config, nodes_to_exclude=tuple(self.config.nodes_to_exclude) + tuple(self.nodes(excluded)))
         return quantize_onnx(self.fp32, path, self.calibration, self.input_name, cfg, cache_path=self.cache,
                              preprocessed=self.preprocessed)
 
@@ -235,7 +267,7 @@ def search_fallback(
         def record(step: int, excluded: list[str], q: QuantOutcome, g: GateResult, t0: float) -> FallbackStep:
             s = FallbackStep(step, list(excluded), g.passed, g.delta_auc, g.delta_sensitivity, g.flips,
                              q.int8_mac_fraction, list(g.failures), time.perf_counter() - t0)
-            log(f"      step {step}: {len(excluded)} node(s) in float, int8 MACs {q.int8_mac_fraction:.1%}, "
+            log(f"      step {step}: {len(excluded)} kept in float, int8 MACs {q.int8_mac_fraction:.1%}, "
                 f"ΔAUC {g.delta_auc:+.4f}, Δsens {g.delta_sensitivity:+.4f}, flips {g.flips} -> "
                 f"{'PASS' if g else 'fail'}")
             return s
@@ -272,7 +304,7 @@ def search_fallback(
                             "margin_error_when_float": err, "gain": base_err - err})
         ranking.sort(key=lambda r: -r["gain"])
         order = [r["node"] for r in ranking]
-        log(f"      {sum(r['gain'] > 0 for r in ranking)} of {len(ranking)} ranked nodes ({len(candidates)} "
+        log(f"      {sum(r['gain'] > 0 for r in ranking)} of {len(ranking)} ranked candidates ({len(candidates)} "
             f"candidates) reduce the margin error when kept in float; base error {base_err:.4f}")
 
         best: tuple[QuantOutcome, np.ndarray, GateResult, list[str]] = (q, scores, g, [])
@@ -338,7 +370,7 @@ def search_fallback(
         if kept:
             shutil.copyfile(tmp / f"best{out.suffix}", out)
             q.path = out
-        return FallbackResult(bool(g), q, g, scores, steps, ranking, kept)
+        return FallbackResult(bool(g), q, g, scores, steps, ranking, kept, target.nodes(kept))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -63,6 +63,9 @@ class TfliteTarget:
     def describe(self, node: str) -> str:
         return short_scope(node)
 
+    def nodes(self, excluded: list[str]) -> list[str]:
+        return list(excluded)
+
     def quantize(self, excluded: list[str], path: Path) -> TfliteQuantResult:
         cfg = replace(self.config, float_scopes=tuple(self.config.float_scopes) + tuple(excluded))
         return quantize_calibrated(self.calibration, path, cfg)
