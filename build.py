@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +28,7 @@ from . import __version__
 from .datasets.labels import LabelledSet, list_images, read_labels
 from .errors import GateFailedError, MissingDependencyError, UsageError
 from .quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
-from .quantization.fallback import FallbackBudget
+from .quantization.fallback import FallbackBudget, GateSpec
 from .quantization.gate import GateCriteria, GateResult, evaluate, gate
 from .quantization.metrics import lock_threshold
 from .quantization.quality_gate import manifest_summary, quality_summary
@@ -151,20 +151,21 @@ class _TfliteStage:
     scores: dict[str, np.ndarray]  # validation scores already computed (by the fallback loop)
 
 
-@dataclass
-class _GateInputs:
-    """What an accuracy-aware quantization needs to gate its candidates like the final gate does."""
-
-    val: np.ndarray  # validation inputs in the model's layout
-    labels: np.ndarray
-    reference_scores: np.ndarray
-    threshold: float
-    settings: BackendSettings
+def _fallback_report(fb: Any, say: Log) -> dict[str, Any]:
+    """Say what the accuracy-aware fallback kept in float (and whether that left a mostly-fp32 file)."""
+    report: dict[str, Any] = fb.to_dict()
+    if fb.excluded:
+        say("      kept in float: " + ", ".join(f"{k['where'] or k['node']} ({k['op_type']})"
+                                                for k in report["kept_in_float_detail"]))
+    if fb.mostly_float:
+        say(f"      WARNING: only {fb.quant.int8_mac_fraction:.1%} of MACs run in int8: this model is mostly fp32, "
+            "not an int8 model")
+    return report
 
 
 def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: Path, parity_x: np.ndarray,
                   calib: PreparedInputs, calib_selection: dict[str, Any], positive: list[int], say: Log,
-                  step: Callable[[str], float], gating: _GateInputs) -> _TfliteStage:
+                  step: Callable[[str], float], gating: GateSpec) -> _TfliteStage:
     """TFLite fp32 (litert-torch) with parity vs PyTorch, then full-integer int8 (ai-edge-quantizer), with the
     accuracy-aware per-op fallback when the int8 file fails the gate (unless ``cfg.fallback`` is off)."""
     from .export.tflite import export_tflite
@@ -202,17 +203,11 @@ def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: 
         cal = calibrate_tflite(fp32_path, calib_x, qcfg)
         if cfg.fallback:
             fb = accuracy_aware_quantize_tflite(
-                cal, int8_path, calib_x, relayout(gating.val, spec.layout, layout), gating.labels, positive,
-                gating.reference_scores, gating.threshold, cfg.criteria, qcfg, cfg.fallback_budget, gating.settings,
-                log=say)
+                cal, int8_path, calib_x, replace(gating, val_inputs=relayout(gating.val_inputs, spec.layout, layout)),
+                qcfg, cfg.fallback_budget, log=say)
             q = cast(TfliteQuantResult, fb.quant)  # what the TFLite target writes
             scores["tflite-int8"] = fb.scores
-            report = fb.to_dict()
-            if fb.excluded:
-                say(f"      kept in float: {_kept(report)}")
-            if fb.mostly_float:
-                say(f"      WARNING: only {q.int8_mac_fraction:.1%} of MACs run in int8: this model is "
-                    "mostly fp32, not an int8 model")
+            report = _fallback_report(fb, say)
         else:
             q = quantize_calibrated(cal, int8_path, qcfg)
             report = None
@@ -223,10 +218,6 @@ def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: 
                           "layout": layout, "io_dtype": q.coverage.input_dtype})
         say(f"      {q.coverage.summary()} ({time.perf_counter() - t:.1f}s)")
     return _TfliteStage(artifacts, {"tflite-fp32": {**parity.to_dict(), **exp.to_dict()}}, quant, scores)
-
-
-def _kept(fallback_report: dict[str, Any]) -> str:
-    return ", ".join(f"{k['where'] or k['node']} ({k['op_type']})" for k in fallback_report["kept_in_float_detail"])
 
 
 def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
@@ -355,17 +346,12 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             pre = preprocess_for_quantization(fp32_path, staging / "pre.onnx")
             qcfg = OnnxQuantConfig(calibrator=cfg.calibrator, nodes_to_exclude=tuple(cfg.exclude_nodes))
             if cfg.fallback:
-                fb = accuracy_aware_quantize(
-                    fp32_path, pre, int8_path, calib_in.tensors, val_in.tensors, y, positive, scores["onnx-fp32"],
-                    threshold, cfg.criteria, INPUT_NAME, qcfg, cfg.fallback_budget, settings, log=say)
+                gating = GateSpec(val_in.tensors, y, positive, scores["onnx-fp32"], threshold, cfg.criteria, settings)
+                fb = accuracy_aware_quantize(fp32_path, pre, int8_path, calib_in.tensors, gating, INPUT_NAME, qcfg,
+                                             cfg.fallback_budget, log=say)
                 q = cast(OnnxQuantResult, fb.quant)  # what the ONNX target writes
                 scores["onnx-int8"] = fb.scores
-                fallback_report = fb.to_dict()
-                if fb.excluded:
-                    say(f"      kept in float: {_kept(fallback_report)}")
-                if fb.mostly_float:
-                    say(f"      WARNING: only {q.int8_mac_fraction:.1%} of MACs run in int8: this model is "
-                        "mostly fp32, not an int8 model")
+                fallback_report = _fallback_report(fb, say)
             else:
                 q = quantize_onnx(fp32_path, int8_path, calib_in.tensors, INPUT_NAME, qcfg,
                                   cache_path=staging / "calibration.json", preprocessed=pre)
@@ -395,7 +381,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
 
             selection = {"from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
                          "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}
-            gating = _GateInputs(val_in.tensors, y, scores["onnx-fp32"], threshold, settings)
+            gating = GateSpec(val_in.tensors, y, positive, scores["onnx-fp32"], threshold, cfg.criteria, settings)
             tfl = _build_tflite(cfg, loaded.module, spec, staging, parity_x, calib_in, selection, positive, say, step,
                                 gating)
             scores.update(tfl.scores)

@@ -51,6 +51,20 @@ class FallbackBudget:
     tuning_images: int = 64
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """How each candidate is gated: like the build's final gate, on the validation set (inputs in the layout of
+    the files being quantized) against the fp32 reference scores at the locked threshold."""
+
+    val_inputs: np.ndarray
+    labels: np.ndarray
+    positive: list[int]
+    reference_scores: np.ndarray
+    threshold: float
+    criteria: GateCriteria
+    settings: BackendSettings | None = None
+
+
 @dataclass
 class FallbackStep:
     step: int
@@ -212,16 +226,10 @@ def accuracy_aware_quantize(
     preprocessed: Path,
     out: Path,
     calibration: np.ndarray,
-    val_inputs: np.ndarray,
-    labels: np.ndarray,
-    positive: list[int],
-    reference_scores: np.ndarray,
-    threshold: float,
-    criteria: GateCriteria,
+    spec: GateSpec,
     input_name: str,
     config: OnnxQuantConfig | None = None,
     budget: FallbackBudget | None = None,
-    settings: BackendSettings | None = None,
     artifact: str = "onnx-int8",
     log: Callable[[str], None] = lambda s: None,
 ) -> FallbackResult:
@@ -229,29 +237,21 @@ def accuracy_aware_quantize(
     with tempfile.TemporaryDirectory(prefix="fe-onnx-cal-") as tmp:
         target = OnnxTarget(fp32, preprocessed, calibration, input_name, config or OnnxQuantConfig(),
                             Path(tmp) / "calibration.json")
-        return search_fallback(target, out, calibration, val_inputs, labels, positive, reference_scores,
-                               threshold, criteria, budget, settings, artifact, log)
+        return search_fallback(target, out, calibration, spec, budget, artifact, log)
 
 
 def search_fallback(
     target: FallbackTarget,
     out: Path,
     tuning_pool: np.ndarray,
-    val_inputs: np.ndarray,
-    labels: np.ndarray,
-    positive: list[int],
-    reference_scores: np.ndarray,
-    threshold: float,
-    criteria: GateCriteria,
+    spec: GateSpec,
     budget: FallbackBudget | None = None,
-    settings: BackendSettings | None = None,
     artifact: str = "int8",
     log: Callable[[str], None] = lambda s: None,
 ) -> FallbackResult:
     """Quantize fully, gate, and on failure keep the most sensitive nodes in float until the gate holds.
 
-    ``tuning_pool`` (calibration images, in the target file's layout) ranks the nodes; ``val_inputs`` (also in
-    the file's layout) with ``labels`` gate every candidate against ``reference_scores`` (fp32)."""
+    ``tuning_pool`` (calibration images, in the target file's layout) ranks the candidates; ``spec`` gates them."""
     bud = budget or FallbackBudget()
     fmt = target.fmt
     t_start = time.perf_counter()
@@ -259,10 +259,10 @@ def search_fallback(
     try:
         def trial(excluded: list[str], path: Path) -> tuple[QuantOutcome, np.ndarray, GateResult]:
             q = target.quantize(excluded, path)
-            logits, _ = run_backend(fmt, path, val_inputs, settings)
-            scores = referable_probability(logits, positive)
-            return q, scores, gate(artifact, labels, reference_scores, scores, threshold, criteria,
-                                   int8_mac_fraction=q.int8_mac_fraction)
+            logits, _ = run_backend(fmt, path, spec.val_inputs, spec.settings)
+            scores = referable_probability(logits, spec.positive)
+            return q, scores, gate(artifact, spec.labels, spec.reference_scores, scores, spec.threshold,
+                                   spec.criteria, int8_mac_fraction=q.int8_mac_fraction)
 
         def record(step: int, excluded: list[str], q: QuantOutcome, g: GateResult, t0: float) -> FallbackStep:
             s = FallbackStep(step, list(excluded), g.passed, g.delta_auc, g.delta_sensitivity, g.flips,
@@ -281,14 +281,14 @@ def search_fallback(
         tuning = tuning_pool[: bud.tuning_images]
         log(f"      plain int8 fails the gate ({'; '.join(g.failures)}): ranking node sensitivity on "
             f"{len(tuning)} tuning images")
-        fp_logits, _ = run_backend(fmt, target.reference, tuning, settings)
-        fp_margin = referable_margin(fp_logits, positive)
-        weights = decision_weights(fp_margin, threshold)
+        fp_logits, _ = run_backend(fmt, target.reference, tuning, spec.settings)
+        fp_margin = referable_margin(fp_logits, spec.positive)
+        weights = decision_weights(fp_margin, spec.threshold)
 
         def margin_error(logits: np.ndarray) -> float:
-            return float(np.sum(weights * np.abs(referable_margin(logits, positive) - fp_margin)))
+            return float(np.sum(weights * np.abs(referable_margin(logits, spec.positive) - fp_margin)))
 
-        full_logits, _ = run_backend(fmt, out, tuning, settings)
+        full_logits, _ = run_backend(fmt, out, tuning, spec.settings)
         base_err = margin_error(full_logits)
         ranking: list[dict[str, Any]] = []
         probe = tmp / f"probe{out.suffix}"
@@ -298,7 +298,7 @@ def search_fallback(
                 log("      sensitivity ranking stopped at half the time budget")
                 break
             target.quantize([name], probe)
-            logits, _ = run_backend(fmt, probe, tuning, settings)
+            logits, _ = run_backend(fmt, probe, tuning, spec.settings)
             err = margin_error(logits)
             ranking.append({"node": name, "op_type": op, "where": target.describe(name),
                             "margin_error_when_float": err, "gain": base_err - err})
@@ -345,7 +345,7 @@ def search_fallback(
             if try_prefix(k):
                 passed_at = k
                 break
-            if steps[-1].int8_mac_fraction < criteria.min_int8_mac_fraction:
+            if steps[-1].int8_mac_fraction < spec.criteria.min_int8_mac_fraction:
                 log("      more fallback would leave the model mostly fp32; stopping")
                 break
             k = len(order) if k < len(order) < 2 * k else 2 * k

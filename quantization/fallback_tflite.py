@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.backends import BackendSettings
-from .fallback import FallbackBudget, FallbackResult, search_fallback
-from .gate import GateCriteria
+from .fallback import FallbackBudget, FallbackResult, GateSpec, search_fallback
 from .quantize_tflite import TfliteCalibration, TfliteQuantConfig, TfliteQuantResult, quantize_calibrated
 
 # ops worth keeping in float: they carry the MACs or the PTQ-fragile nonlinearities
@@ -75,19 +73,12 @@ def accuracy_aware_quantize_tflite(
     calibration: TfliteCalibration,
     out: Path,
     tuning_pool: np.ndarray,
-    val_inputs: np.ndarray,
-    labels: np.ndarray,
-    positive: list[int],
-    reference_scores: np.ndarray,
-    threshold: float,
-    criteria: GateCriteria,
+    spec: GateSpec,
     config: TfliteQuantConfig | None = None,
     budget: FallbackBudget | None = None,
-    settings: BackendSettings | None = None,
     artifact: str = "tflite-int8",
     log: Callable[[str], None] = lambda s: None,
 ) -> FallbackResult:
-    """Inputs (``tuning_pool``, ``val_inputs``) are in the .tflite file's own layout."""
+    """``tuning_pool`` and ``spec.val_inputs`` are in the .tflite file's own layout."""
     target = TfliteTarget(calibration, config or TfliteQuantConfig())
-    return search_fallback(target, out, tuning_pool, val_inputs, labels, positive, reference_scores, threshold,
-                           criteria, budget, settings, artifact, log)
+    return search_fallback(target, out, tuning_pool, spec, budget, artifact, log)

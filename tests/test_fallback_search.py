@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from fundus_edge.quantization import fallback
-from fundus_edge.quantization.fallback import FallbackBudget, decision_weights, search_fallback
+from fundus_edge.quantization.fallback import (
+    FallbackBudget,
+    FallbackResult,
+    GateSpec,
+    decision_weights,
+    search_fallback,
+)
 from fundus_edge.quantization.gate import GateCriteria
 
 N_IMAGES = 400
@@ -73,15 +79,20 @@ def _setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, strengths: dict[str,
     ref_scores = 1 / (1 + np.exp(-base))
     x = np.arange(N_IMAGES, dtype=np.float32)[:, None]
     return {"target": _FakeTarget(reference), "out": tmp_path / "int8.fake", "tuning_pool": x[:200],
-            "val_inputs": x[200:], "labels": labels[200:], "positive": [1], "reference_scores": ref_scores[200:],
-            "threshold": 0.5}
+            "gate": (x[200:], labels[200:], [1], ref_scores[200:], 0.5)}
+
+
+def _search(args: dict[str, object], criteria: GateCriteria) -> FallbackResult:
+    spec = GateSpec(*args["gate"], criteria=criteria)  # type: ignore[misc]
+    return search_fallback(args["target"], args["out"], args["tuning_pool"], spec,  # type: ignore[arg-type]
+                           FallbackBudget(tuning_images=200))
 
 
 def test_search_keeps_the_sensitive_nodes_and_bisects_to_the_shortest_passing_set(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     strengths = {n: (0.8 if n in ("n3", "n7", "n5") else 0.002) for n in NODES}
     args = _setup(monkeypatch, tmp_path, strengths)
-    res = search_fallback(**args, criteria=GateCriteria(n_boot=20), budget=FallbackBudget(tuning_images=200))
+    res = _search(args, GateCriteria(n_boot=20))
     assert not res.steps[0].passed  # plain "int8" fails
     assert res.passed and sorted(res.excluded) == ["n3", "n5", "n7"]
     assert {r["node"] for r in res.ranking[:3]} == {"n3", "n5", "n7"}  # the ranking found the sensitive three
@@ -90,20 +101,19 @@ def test_search_keeps_the_sensitive_nodes_and_bisects_to_the_shortest_passing_se
     assert res.quant.int8_mac_fraction == pytest.approx(0.7)
     d = res.to_dict()
     assert [k["where"] for k in d["kept_in_float_detail"]] == [f"features.{n[1:]}" for n in res.excluded]
-    assert json.loads(args["out"].read_text()) == sorted(res.excluded)  # the chosen file is the one written
+    assert json.loads(Path(str(args["out"])).read_text()) == sorted(res.excluded)  # the chosen file is the one written
 
 
 def test_a_passing_but_mostly_float_candidate_fails_the_int8_floor(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
     strengths = {n: 0.6 for n in NODES}  # every node matters: only (almost) all-float passes
     args = _setup(monkeypatch, tmp_path, strengths)
-    res = search_fallback(**args, criteria=GateCriteria(n_boot=20), budget=FallbackBudget(tuning_images=200))
+    res = _search(args, GateCriteria(n_boot=20))
     assert not res.passed
     assert all(s.int8_mac_fraction >= 0.5 or any("mostly fp32" in f for f in s.failures) for s in res.steps)
     assert any("mostly fp32" in f for s in res.steps for f in s.failures)
     # with the floor off, the same search accepts a mostly-float candidate, and it is flagged as such
-    res0 = search_fallback(**args, criteria=GateCriteria(n_boot=20, min_int8_mac_fraction=0.0),
-                           budget=FallbackBudget(tuning_images=200))
+    res0 = _search(args, GateCriteria(n_boot=20, min_int8_mac_fraction=0.0))
     assert res0.passed and res0.mostly_float and res0.to_dict()["mostly_float"]
 
 
