@@ -8,10 +8,12 @@ so that re-quantizing with different exclusions does not recalibrate.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,7 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
     if cfg.calibrator == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_rank1_axis_warnings())
         if preprocessed is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fe-q-")))
             preprocessed = preprocess_for_quantization(fp32, tmp / "pre.onnx")
@@ -138,6 +141,27 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
     result = OnnxQuantResult(out, cfg, len(calibration), time.perf_counter() - t0)
     summarize_qdq(out, result)
     return result
+
+
+class _Rank1AxisFilter(logging.Filter):
+    """onnxruntime warns "Axis 1 is out-of-range for weight '...ln_1.weight' with rank 1" for every 1-D weight
+    (LayerNorm scales) when per-channel is on, and quantizes it per tensor, which is right for a 1-D weight. On a
+    transformer that is a dozen lines per quantization, hundreds in a fallback search: they are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Axis ") and "is out-of-range for weight" in msg and "with rank 1" in msg)
+
+
+@contextlib.contextmanager
+def _quiet_rank1_axis_warnings() -> Iterator[None]:
+    root = logging.getLogger()
+    filt = _Rank1AxisFilter()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
 
 
 _MAC_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
