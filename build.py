@@ -338,6 +338,8 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
 
         score("onnx-fp32", "onnx", fp32_path)
         threshold = lock_threshold(y, scores["onnx-fp32"], cfg.criteria.operating_point)
+        # how the accuracy-aware fallbacks gate their candidates: like the final gate, against onnx-fp32
+        gating = GateSpec(val_in.tensors, y, positive, scores["onnx-fp32"], threshold, cfg.criteria, settings)
         if "int8" in cfg.precisions:
             t = _stage(say, 4, n_steps, f"quantizing to int8 (QDQ, per-channel, u8/s8, {cfg.calibrator}) on "
                                         f"{len(calib_in.sources)} calibration images"
@@ -346,7 +348,6 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             pre = preprocess_for_quantization(fp32_path, staging / "pre.onnx")
             qcfg = OnnxQuantConfig(calibrator=cfg.calibrator, nodes_to_exclude=tuple(cfg.exclude_nodes))
             if cfg.fallback:
-                gating = GateSpec(val_in.tensors, y, positive, scores["onnx-fp32"], threshold, cfg.criteria, settings)
                 fb = accuracy_aware_quantize(fp32_path, pre, int8_path, calib_in.tensors, gating, INPUT_NAME, qcfg,
                                              cfg.fallback_budget, log=say)
                 q = cast(OnnxQuantResult, fb.quant)  # what the ONNX target writes
@@ -381,7 +382,6 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
 
             selection = {"from": str(cfg.calib), "available": len(calib_files), "requested": cfg.calib_size,
                          "used": len(calib_in.sources), "seed": cfg.calib_seed, "method": "seeded random subset"}
-            gating = GateSpec(val_in.tensors, y, positive, scores["onnx-fp32"], threshold, cfg.criteria, settings)
             tfl = _build_tflite(cfg, loaded.module, spec, staging, parity_x, calib_in, selection, positive, say, step,
                                 gating)
             scores.update(tfl.scores)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,6 +164,14 @@ class QuantOutcome(Protocol):
     def int8_mac_fraction(self) -> float: ...
 
 
+@dataclass(frozen=True)
+class _TensorUnit:
+    tensor: str
+    ops: str  # "producer->consumers" op types
+    where: str  # the producer's PyTorch module path
+    nodes: list[str]  # the graph nodes excluded to keep the tensor float
+
+
 @dataclass
 class OnnxTarget:
     fp32: Path
@@ -177,7 +186,8 @@ class OnnxTarget:
     def reference(self) -> Path:
         return self.fp32
 
-    def candidates(self) -> list[tuple[str, str]]:
+    @cached_property
+    def _tensors(self) -> list[_TensorUnit]:
         """One candidate per activation tensor: keeping it float means excluding its producer *and* every
         consumer. Excluding one node is not enough in QDQ: a tensor between a quantized producer and a
         quantized consumer stays quantized whichever single node is excluded (measured: on the ViT reference,
@@ -192,9 +202,7 @@ class OnnxTarget:
                 if n.name and i:
                     consumers.setdefault(i, []).append(n)
         initializers = {i.name for i in graph.initializer}
-        self._units: dict[str, list[str]] = {}
-        self._labels: dict[str, str] = {}
-        out = []
+        units = []
         for tensor, users in consumers.items():
             if tensor in initializers:
                 continue
@@ -202,17 +210,19 @@ class OnnxTarget:
             nodes = ([prod] if prod is not None else []) + users
             if not any(n.op_type in _RANKED_OPS for n in nodes):
                 continue
-            self._units[tensor] = sorted({n.name for n in nodes})
-            self._labels[tensor] = module_path(prod) if prod is not None else "input"
             ops = f"{prod.op_type if prod is not None else 'input'}->{'/'.join(sorted({u.op_type for u in users}))}"
-            out.append((tensor, ops))
-        return out
+            units.append(_TensorUnit(tensor, ops, module_path(prod) if prod is not None else "input",
+                                     sorted({n.name for n in nodes})))
+        return units
+
+    def candidates(self) -> list[tuple[str, str]]:
+        return [(u.tensor, u.ops) for u in self._tensors]
 
     def describe(self, node: str) -> str:
-        return getattr(self, "_labels", {}).get(node, "")
+        return next((u.where for u in self._tensors if u.tensor == node), "")
 
     def nodes(self, excluded: list[str]) -> list[str]:
-        units = getattr(self, "_units", {})
+        units = {u.tensor: u.nodes for u in self._tensors}
         return sorted({n for t in excluded for n in units.get(t, [t])})
 
     def quantize(self, excluded: list[str], path: Path) -> OnnxQuantResult:

@@ -133,6 +133,7 @@ class TfliteCalibration:
     qsvs: dict[str, Any]
     n_images: int
     seconds: float
+    input_range: tuple[float, float]  # calibrated (min, max) of the model input
 
 
 def _quiet() -> contextlib.ExitStack:
@@ -180,7 +181,8 @@ def calibrate_tflite(fp32_path: Path, calib: np.ndarray, cfg: TfliteQuantConfig 
     except Exception as exc:
         raise QuantizationError(f"ai-edge-quantizer calibration failed on {fp32_path.name}: "
                                 f"{type(exc).__name__}: {exc}") from exc
-    return TfliteCalibration(fp32_path, model_bytes, qsvs, len(calib), time.perf_counter() - t0)
+    return TfliteCalibration(fp32_path, model_bytes, qsvs, len(calib), time.perf_counter() - t0,
+                             _input_range(qsvs, fp32_path))
 
 
 def quantize_calibrated(cal: TfliteCalibration, out: Path, cfg: TfliteQuantConfig | None = None) -> TfliteQuantResult:
@@ -207,12 +209,11 @@ def quantize_calibrated(cal: TfliteCalibration, out: Path, cfg: TfliteQuantConfi
     if cfg.require_full_integer and not asked_float and not coverage.full_integer:
         raise QuantizationError(f"the int8 TFLite model is not full-integer: {coverage.summary()}. "
                                 "Pass the ops to keep in float explicitly if this is intended")
-    in_range = _input_range(cal.qsvs, cal.fp32_path)
     versions = {}
     for dist in ("ai-edge-quantizer", "ai-edge-litert"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[dist] = md.version(dist)
-    return TfliteQuantResult(out, cfg, cal.n_images, cal.seconds + time.perf_counter() - t0, coverage, in_range,
+    return TfliteQuantResult(out, cfg, cal.n_images, cal.seconds + time.perf_counter() - t0, coverage, cal.input_range,
                              versions)
 
 
