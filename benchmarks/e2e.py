@@ -49,8 +49,8 @@ def build_bundle(folder: Path, size: int) -> Path:
     import torch
     import torchvision
 
-    from fundus_edge.build import BuildConfig, run_build
     from fundus_edge.datasets.synthetic import write_dataset
+    from fundus_edge.pipeline.build import BuildConfig, run_build
     from fundus_edge.runtime.preprocess import PreprocessSpec
 
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fundus_edge.reliability import run_fuzz, run_kill_test, run_tamper_sweep
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reliability import run_fuzz, run_kill_test, run_tamper_sweep
 
 HERE = Path(__file__).resolve().parent
 

@@ -107,8 +107,8 @@ def child(model: Path, inp: Path, cfg: dict[str, Any], runs: int) -> dict[str, A
 def preprocessed_input(bundle: Path, folder: Path) -> Path:
     import numpy as np
 
+    from fundus_edge.bundle.read import load_bundle
     from fundus_edge.datasets.synthetic import camera_photo
-    from fundus_edge.runtime.bundle import load_bundle
     from fundus_edge.runtime.preprocess import preprocess
 
     b = load_bundle(bundle)
@@ -119,7 +119,7 @@ def preprocessed_input(bundle: Path, folder: Path) -> Path:
 
 
 def run(bundle: Path, artifact: str, rounds: int, runs: int, folder: Path) -> dict[str, Any]:
-    from fundus_edge.runtime.bundle import load_bundle
+    from fundus_edge.bundle.read import load_bundle
 
     b = load_bundle(bundle)
     model = b.path(b.artifact(artifact))

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from fundus_edge.datasets.degrade import quality_set
-from fundus_edge.quantization.metrics import auc
+from fundus_edge.gate.metrics import auc
 from fundus_edge.runtime.preprocess import PreprocessSpec, preprocess
 from fundus_edge.runtime.quality import MEASURES, QualitySpec, assess, judge
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_edge.build import BuildConfig, run_build
+from fundus_edge.bundle.read import load_bundle
 from fundus_edge.datasets.synthetic import write_dataset
 from fundus_edge.export.load import load_model
 from fundus_edge.export.validate import torch_outputs
+from fundus_edge.pipeline.build import BuildConfig, run_build
 from fundus_edge.quantization.calibration import prepare_inputs
 from fundus_edge.runtime.backends import BackendSettings, create_backend, run_backend
-from fundus_edge.runtime.bundle import load_bundle
 from fundus_edge.runtime.compare import Tolerance, compare_outputs
 from fundus_edge.runtime.preprocess import relayout
 

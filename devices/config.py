@@ -1,7 +1,7 @@
 """The device config (``device.toml``) that ``fundus-edge package`` writes and ``screen --device-config`` reads.
 
 Two tables: ``[device]`` (the profile, the artifact chosen for it, threads, provider order; read here) and
-``[security]`` (``trusted_keys``, ``require_signature``; read by :class:`fundus_edge.runtime.signing.TrustPolicy`).
+``[security]`` (``trusted_keys``, ``require_signature``; read by :class:`fundus_edge.bundle.signing.TrustPolicy`).
 Each reader ignores the other's table.
 """
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bundle.read import Bundle, load_bundle
 from ..errors import DeviceFitError, EmulationError, ParityError, UsageError
-from ..runtime.bundle import Bundle, load_bundle
 from .caps import CapPlan, WorkerRun, native_prefix, plan_caps, run_worker
 from .parity import Parity, output_lsb, parity
 from .profile import DeviceProfile, runnable_formats

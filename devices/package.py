@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..bundle.read import load_bundle, sha256_file
 from ..errors import DeviceError, EmulationError, MissingToolError, UsageError
-from ..runtime.bundle import load_bundle, sha256_file
 from .config import read_device_table, render_device_config
 from .emuroot import GUEST_PYTHON, manylinux_platforms
 from .profile import ArtifactChoice, DeviceProfile, choose_artifact, runnable_formats

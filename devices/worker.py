@@ -76,8 +76,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
+    from ..bundle.read import load_bundle
     from ..runtime.backends import BackendSettings, create_backend
-    from ..runtime.bundle import load_bundle
     from ..runtime.screen import Screener
 
     out_dir = Path(request["out_dir"])

@@ -34,9 +34,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..gate.gate import GateCriteria, GateResult, gate
 from ..runtime.backends import BackendSettings, run_backend
 from ..runtime.postprocess import referable_margin, referable_probability
-from .gate import GateCriteria, GateResult, gate
 from .quantize_onnx import OnnxQuantConfig, OnnxQuantResult, quantize_onnx
 
 MOSTLY_FLOAT = 0.5  # int8 MAC share below this is flagged: "int8" in name only

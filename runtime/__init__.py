@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..bundle.read import Bundle, load_bundle
 from .backends import BackendSettings
-from .bundle import Bundle, load_bundle
 from .preprocess import PreprocessSpec, preprocess
 from .screen import Screener, ScreeningResult, expand_inputs, load
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle.read import Bundle, load_bundle
 from .backends import BackendSettings
-from .bundle import Bundle, load_bundle
 
 STAGES = ("decode", "preprocess", "quality", "infer", "postprocess")
 

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..bundle.read import Artifact, Bundle, load_bundle
 from ..errors import ImageError, UsageError
 from .backends import Backend, BackendSettings, create_backend
-from .bundle import Artifact, Bundle, load_bundle
 from .postprocess import referable_probability
 from .preprocess import preprocess
 from .quality import QualitySpec, assess

@@ -35,7 +35,7 @@ def synth_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory, synth_val: Path, synth_calib: Path,
           real_photos: list[Path]) -> Iterator[object]:
     """The reference model built into a bundle exactly as `make demo` does."""
-    from fundus_edge.build import BuildConfig, run_build
+    from fundus_edge.pipeline.build import BuildConfig, run_build
 
     out = tmp_path_factory.mktemp("bundles") / "dr"
     result = run_build(BuildConfig(model="reference:dr-resnet18s", out=out, calib=synth_calib, val=synth_val,

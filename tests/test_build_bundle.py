@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fundus_edge.build import BuildConfig, run_build
+from fundus_edge.bundle.read import MANIFEST, sha256_file
 from fundus_edge.errors import BundleError, BundleIntegrityError, GateFailedError, UsageError
+from fundus_edge.gate.gate import GateCriteria
+from fundus_edge.pipeline.build import BuildConfig, run_build
 from fundus_edge.quantization.fallback import FallbackBudget
-from fundus_edge.quantization.gate import GateCriteria
 from fundus_edge.runtime import load, load_bundle
-from fundus_edge.runtime.bundle import MANIFEST, sha256_file
 
 
 def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None:
@@ -48,7 +48,7 @@ def test_report_numbers(built: Any) -> None:
     assert g["artifact"] == "onnx-int8" and g["passed"]
     assert g["flip_rate"] <= 0.01 and g["delta_auc"] >= -0.005 and g["delta_sensitivity"] >= -0.01
     # the report's numbers are recomputable from the stored scores
-    from fundus_edge.quantization.metrics import auc
+    from fundus_edge.gate.metrics import auc
 
     y = np.array(rep["labels"])
     assert auc(y, np.array(rep["scores"]["onnx-int8"])) == pytest.approx(g["auc"])

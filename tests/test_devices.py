@@ -349,8 +349,8 @@ def test_package_device_config_drives_screen_and_the_trust_policy(built: Any, re
     `screen --device-config` (the field path) obeys both: unsigned refused, signed screened."""
     import shutil
 
+    from fundus_edge.bundle.signing import TrustPolicy, generate_keypair, load_signing_key, sign_bundle
     from fundus_edge.devices.config import read_device_table
-    from fundus_edge.runtime.signing import TrustPolicy, generate_keypair, load_signing_key, sign_bundle
 
     keys = generate_keypair(tmp_path / "keys", "clinic")
     pub_only = tmp_path / "pub"

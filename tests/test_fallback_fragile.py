@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from fundus_edge.bundle.read import load_bundle
 from fundus_edge.cli import main
-from fundus_edge.runtime.bundle import load_bundle
 from fundus_edge.runtime.tflite_graph import inspect_tflite
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fundus_edge.gate.gate import GateCriteria
 from fundus_edge.quantization import fallback
 from fundus_edge.quantization.fallback import (
     FallbackBudget,
@@ -19,7 +20,6 @@ from fundus_edge.quantization.fallback import (
     decision_weights,
     search_fallback,
 )
-from fundus_edge.quantization.gate import GateCriteria
 
 N_IMAGES = 400
 NODES = [f"n{i}" for i in range(10)]

@@ -75,7 +75,7 @@ def test_screener_never_raises(screener: Any, which: int, ops: list[tuple[int, i
 
 def test_benchmark_fuzz_driver_counts_and_measures(tmp_path: Path) -> None:
     # the driver benchmarks/field_reliability.py runs with 10,000 cases
-    from fundus_edge.reliability import run_fuzz
+    from reliability import run_fuzz
 
     r = run_fuzz(120, SEEDS, seed=5, failures_dir=tmp_path)
     assert r["cases"] == 120 and r["uncaught"] == 0 and not r["unknown_codes"] and r["worker_starts"] == 1
@@ -84,7 +84,7 @@ def test_benchmark_fuzz_driver_counts_and_measures(tmp_path: Path) -> None:
 
 
 def test_fuzz_worker_crash_is_counted_not_fatal() -> None:
-    from fundus_edge.reliability import _Worker
+    from reliability import _Worker
 
     w = _Worker(None)
     try:

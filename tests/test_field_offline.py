@@ -120,7 +120,7 @@ def test_a_running_watcher_holds_no_sockets(built: Any, tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     log = tmp_path / "r.audit.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "fundus_edge.cli", "screen", "--bundle", str(built.out), "--watch",
+    proc = subprocess.Popen([sys.executable, "-m", "fundus_edge", "screen", "--bundle", str(built.out), "--watch",
                              str(inbox), "--store", str(tmp_path / "r.db"), "--poll", "0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

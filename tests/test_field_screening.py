@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reliability import _cli, run_kill_test
+from reliability import sql_scalar as _sql
 
 from fundus_edge.cli import main, make_parser
 from fundus_edge.datasets.badinputs import OK, UNGRADABLE, corpus, fundus_jpeg, write_corpus
 from fundus_edge.errors import IMAGE_ERROR_CODES, StoreError
-from fundus_edge.reliability import _cli, run_kill_test
-from fundus_edge.reliability import sql_scalar as _sql
-from fundus_edge.runtime.audit import AuditLog
-from fundus_edge.runtime.session import FieldSession, Patient, open_session
-from fundus_edge.runtime.store import ResultStore
-from fundus_edge.runtime.watch import MARK_SUFFIX, Watcher, WatchOptions
+from fundus_edge.runtime.field.audit import AuditLog
+from fundus_edge.runtime.field.session import FieldSession, Patient, open_session
+from fundus_edge.runtime.field.store import ResultStore
+from fundus_edge.runtime.field.watch import MARK_SUFFIX, Watcher, WatchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET_PATIENT = "MRN-SECRET-4471"
@@ -348,7 +348,7 @@ def test_patient_fields_need_a_store(built: Any, real_photos: list[Path], capsys
 
 
 def test_cli_registration_stays_cheap() -> None:
-    from fundus_edge.runtime.watch import AFTER_CHOICES
+    from fundus_edge.runtime.field.watch import AFTER_CHOICES
 
     code = ("import sys; from fundus_edge.cli import make_parser; p = make_parser();"
             "print([m for m in ('numpy', 'PIL', 'sqlite3', 'cryptography', 'onnxruntime') if m in sys.modules])")

@@ -14,6 +14,15 @@ from typing import Any
 
 import pytest
 
+from fundus_edge.bundle.read import MANIFEST
+from fundus_edge.bundle.signing import (
+    SIGNATURE_FILE,
+    TrustPolicy,
+    generate_keypair,
+    load_signing_key,
+    sign_bundle,
+    verify_bundle,
+)
 from fundus_edge.cli import main
 from fundus_edge.errors import (
     BundleError,
@@ -22,16 +31,7 @@ from fundus_edge.errors import (
     MissingDependencyError,
     UsageError,
 )
-from fundus_edge.runtime.audit import verify_audit_log
-from fundus_edge.runtime.bundle import MANIFEST
-from fundus_edge.runtime.signing import (
-    SIGNATURE_FILE,
-    TrustPolicy,
-    generate_keypair,
-    load_signing_key,
-    sign_bundle,
-    verify_bundle,
-)
+from fundus_edge.runtime.field.audit import verify_audit_log
 
 
 def key_secrets(private: Path, passphrase: bytes | None = None) -> list[str]:
@@ -184,7 +184,7 @@ def _resign_with_model_change(bundle: Path, key: Any) -> None:
     model = bundle / "model.int8.onnx"
     _flip(model, model.stat().st_size // 3)
     m = json.loads((bundle / MANIFEST).read_text())
-    from fundus_edge.runtime.bundle import file_entry
+    from fundus_edge.bundle.read import file_entry
 
     m["files"]["model.int8.onnx"] = file_entry(model)
     (bundle / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
@@ -339,7 +339,7 @@ def test_sign_key_with_allow_failed_gate_is_refused_before_building(keys: dict[s
 
 def test_tamper_sweep_quick(built: Any, tmp_path: Path) -> None:
     # benchmarks/field_reliability.py runs this with every byte of the manifest and signature, 200 per file
-    from fundus_edge.reliability import run_tamper_sweep
+    from reliability import run_tamper_sweep
 
     r = run_tamper_sweep(built.out, tmp_path, positions_per_file=4, manifest_positions=8, seed=3)
     assert r["accepted"] == 0 and r["refused"] == r["attempts"] > 60, r["accepted_examples"]

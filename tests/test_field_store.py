@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fundus_edge.errors import StoreError, UsageError
-from fundus_edge.runtime.audit import AuditLog, verify_audit_log
-from fundus_edge.runtime.store import (
+from fundus_edge.runtime.field.audit import AuditLog, verify_audit_log
+from fundus_edge.runtime.field.store import (
     EXPORT_COLUMNS,
     ResultStore,
     StoredScreening,

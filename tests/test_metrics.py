@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from fundus_edge.errors import DataError, UsageError
-from fundus_edge.quantization.gate import GateCriteria, gate
-from fundus_edge.quantization.metrics import (
+from fundus_edge.gate.gate import GateCriteria, gate
+from fundus_edge.gate.metrics import (
     auc,
     bootstrap_auc_ci,
     lock_threshold,

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fundus_edge.bundle.read import Bundle, load_bundle
 from fundus_edge.cli import main, pipeline_settings, use_pipeline
 from fundus_edge.devices.profile import get_profile, profile_from_dict, read_toml
 from fundus_edge.devices.projection import LABEL, bound_ms, format_projection, project, project_artifacts
 from fundus_edge.errors import DeviceError, UsageError
 from fundus_edge.runtime import BackendSettings, load
 from fundus_edge.runtime.bench import bundle_macs
-from fundus_edge.runtime.bundle import Bundle, load_bundle
 from fundus_edge.runtime.screen import overlapped
 
 RESNET18_MACS = 1_814_000_000  # ResNet-18 at 224 x 224 (torchvision, 1000 classes: 1.814 GMAC)
@@ -211,9 +211,9 @@ def _field_rows(recs: list[Any]) -> list[tuple[Any, ...]]:
 
 def test_field_pipeline_keeps_store_semantics(built: Any, real_photos: list[Path], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from fundus_edge.runtime.audit import AuditLog
-    from fundus_edge.runtime.session import Patient, open_session
-    from fundus_edge.runtime.store import ResultStore
+    from fundus_edge.runtime.field.audit import AuditLog
+    from fundus_edge.runtime.field.session import Patient, open_session
+    from fundus_edge.runtime.field.store import ResultStore
 
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
@@ -251,9 +251,9 @@ def test_field_pipeline_stop_and_contained_worker_failure(built: Any, real_photo
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from fundus_edge.runtime.audit import AuditLog
-    from fundus_edge.runtime.session import open_session
-    from fundus_edge.runtime.store import ResultStore
+    from fundus_edge.runtime.field.audit import AuditLog
+    from fundus_edge.runtime.field.session import open_session
+    from fundus_edge.runtime.field.store import ResultStore
 
     stop = threading.Event()
     batch = [str(p) for p in real_photos[:4]]

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from fundus_edge.bundle.read import MANIFEST, write_manifest
 from fundus_edge.cli import main
 from fundus_edge.datasets.degrade import DEGRADATIONS, NON_FUNDUS, degrade, non_fundus, quality_set
 from fundus_edge.datasets.synthetic import CameraProfile, generate
 from fundus_edge.errors import BundleError, UsageError
-from fundus_edge.quantization.metrics import auc
+from fundus_edge.gate.metrics import auc
 from fundus_edge.runtime import load, load_bundle
-from fundus_edge.runtime.bundle import MANIFEST, write_manifest
 from fundus_edge.runtime.quality import (
     DEFAULT_BOUNDS,
     HINTS,
@@ -255,7 +255,7 @@ def test_bundle_carries_the_spec_and_old_bundles_get_defaults(built: Any, bundle
 
 def test_check_reports_ungradable_rate_and_gradable_metrics(built: Any, synth_val: Path, tmp_path: Path) -> None:
     """A mixed validation set: the gate counts the ungradable images apart and evaluates the gradable ones."""
-    from fundus_edge.check import run_check
+    from fundus_edge.pipeline.check import run_check
 
     with synth_val.open() as fh:
         rows = list(csv.reader(fh))[1:61]

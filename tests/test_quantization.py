@@ -13,10 +13,10 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fundus_edge.datasets.labels import list_images
+from fundus_edge.gate.noninferiority import paired_bootstrap
+from fundus_edge.gate.plots import roc_points
 from fundus_edge.quantization.calibration import ArrayCalibrationReader, prepare_inputs
 from fundus_edge.quantization.debug import layer_errors
-from fundus_edge.quantization.noninferiority import paired_bootstrap
-from fundus_edge.quantization.plots import roc_points
 from fundus_edge.quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
 from fundus_edge.runtime.preprocess import PreprocessSpec
 

@@ -46,12 +46,14 @@ def test_runtime_venv_check_and_import_guard(runtime_venv: Path, built: Any, syn
     assert r.returncode == 0, r.stderr
     assert "check: PASSED" in r.stdout
     py = runtime_venv / "bin" / "python"
-    code = ("import sys, fundus_edge.runtime, fundus_edge.check, fundus_edge.cli, fundus_edge.quality_calibration,"
-            " fundus_edge.devices.cli, fundus_edge.devices.emulate, fundus_edge.devices.package,"
-            " fundus_edge.devices.doctor, fundus_edge.devices.worker, fundus_edge.devices.emuroot,"
-            " fundus_edge.devices.projection, fundus_edge.runtime.bench;"
+    # every module of the device-side packages (and the CLI, check, quality calibration) imports without torch
+    code = ("import importlib, pkgutil, sys, fundus_edge;"
+            "pkgs = ('runtime', 'devices', 'bundle', 'gate', 'cli');"
+            "mods = [m.name for p in pkgs for m in pkgutil.walk_packages("
+            "importlib.import_module('fundus_edge.' + p).__path__, 'fundus_edge.' + p + '.')];"
+            "[importlib.import_module(m) for m in mods + ['fundus_edge.pipeline.check']];"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'litert_torch')];"
-            "print(bad); sys.exit(1 if bad else 0)")
+            "print(len(mods), bad); sys.exit(1 if bad or len(mods) < 40 else 0)")
     assert subprocess.run([str(py), "-c", code], capture_output=True, text=True).returncode == 0
     r3 = run_cli(runtime_venv, "doctor", "--device", "rpi4", "--json")  # profiles ship in the wheel; no torch needed
     assert r3.returncode == 0, r3.stdout + r3.stderr

@@ -52,7 +52,7 @@ def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any,
     assert r.returncode == (0 if doc["passed"] else 8), r.stderr
     assert doc["reference"] == "tflite-fp32" and set(doc["skipped"]) == {"onnx-fp32", "onnx-int8"}
     assert [g["artifact"] for g in doc["gates"]] == ["tflite-int8"]
-    from fundus_edge.quantization.gate import GateCriteria, gate
+    from fundus_edge.gate.gate import GateCriteria, gate
 
     rep = json.loads((built.out / "report.json").read_text())
     m = built.manifest

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fundus_edge.bundle.read import sha256_file
 from fundus_edge.cli import main
 from fundus_edge.errors import UsageError
 from fundus_edge.runtime import load
-from fundus_edge.runtime.bundle import sha256_file
 from fundus_edge.runtime.parity import OutputSet, load_outputs, merge, parity_matrix, save_outputs
 
 

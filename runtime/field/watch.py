@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from .screen import IMAGE_SUFFIXES
+from ...errors import UsageError
+from ..screen import IMAGE_SUFFIXES
 from .session import FieldSession, Patient
 from .store import StoredScreening
 

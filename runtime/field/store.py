@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from ..errors import StoreError, UsageError
+from ...errors import StoreError, UsageError
 from .audit import utc_now
 
 STORE_SCHEMA_VERSION = 1

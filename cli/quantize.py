@@ -9,11 +9,11 @@ from typing import Any
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .datasets.labels import list_images
-    from .quantization.calibration import prepare_inputs, select_calibration
-    from .quantization.debug import format_table, layer_errors
-    from .quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
-    from .runtime.preprocess import PreprocessSpec
+    from ..datasets.labels import list_images
+    from ..quantization.calibration import prepare_inputs, select_calibration
+    from ..quantization.debug import format_table, layer_errors
+    from ..quantization.quantize_onnx import OnnxQuantConfig, preprocess_for_quantization, quantize_onnx
+    from ..runtime.preprocess import PreprocessSpec
 
     spec = PreprocessSpec(size=args.size, layout=args.layout)
     files = list_images(args.calib)

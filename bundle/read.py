@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError, BundleIntegrityError, UsageError
-from .preprocess import PreprocessSpec
-from .quality import QualitySpec
+from ..runtime.preprocess import PreprocessSpec
+from ..runtime.quality import QualitySpec
 
 SCHEMA = "fundus-edge/bundle"
 SCHEMA_VERSION = 1

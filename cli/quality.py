@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError, UsageError
+from ..errors import ImageError, UsageError
 
 USAGE = ("fundus-edge quality [--bundle B | --spec S] [--json] IMAGE|DIR ...\n"
          "       fundus-edge quality calibrate --good DIR --bad DIR [--bundle B | --spec S] [--json] "
@@ -62,11 +62,11 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 def _specs(args: argparse.Namespace) -> tuple[Any, Any]:
     """(quality spec, preprocessing spec) from --bundle, --spec or the defaults."""
-    from .runtime.preprocess import PreprocessSpec
-    from .runtime.quality import QualitySpec, load_quality_spec
+    from ..runtime.preprocess import PreprocessSpec
+    from ..runtime.quality import QualitySpec, load_quality_spec
 
     if args.bundle:
-        from .runtime.bundle import load_bundle
+        from ..bundle.read import load_bundle
 
         b = load_bundle(args.bundle)
         return b.quality, b.preprocessing
@@ -98,8 +98,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .runtime import expand_inputs
-    from .runtime.quality import MEASURES, assess_source
+    from ..runtime import expand_inputs
+    from ..runtime.quality import MEASURES, assess_source
 
     qspec, pspec = _specs(args)
     results: list[dict[str, Any]] = []
@@ -138,8 +138,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .quality_calibration import calibrate, measure_images
-    from .runtime import expand_inputs
+    from ..runtime import expand_inputs
+    from ..runtime.quality_calibration import calibrate, measure_images
 
     qspec, pspec = _specs(args)
     good_files = expand_inputs(args.good)

@@ -25,7 +25,7 @@ def _log(args: argparse.Namespace) -> Any:
 
 # --------------------------------------------------------------------------------------------- devices
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .profile import get_profile, list_profiles
+    from ..devices.profile import get_profile, list_profiles
 
     if args.name:
         p = get_profile(args.name)
@@ -58,7 +58,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- doctor
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from ..devices.doctor import run_doctor
 
     rep = run_doctor(args.device, Path(args.root), in_process=args.in_process)
     _emit(args, rep.to_dict(), rep.text())
@@ -67,7 +67,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- emulate
 def _setup(args: argparse.Namespace) -> int:
-    from .emuroot import DEFAULT_MIRROR, setup
+    from ..devices.emuroot import DEFAULT_MIRROR, setup
 
     res = setup(cache=args.cache_dir, mirror=args.mirror or DEFAULT_MIRROR, force=args.force, log=_log(args))
     d = res.to_dict()
@@ -82,15 +82,15 @@ def _setup(args: argparse.Namespace) -> int:
 def cmd_emulate(args: argparse.Namespace) -> int:
     if args.inputs == ["setup"] and args.bundle is None and args.install_package is None:
         return _setup(args)
+    from ..devices.profile import get_profile
     from ..runtime import expand_inputs
-    from .profile import get_profile
 
     if args.device is None:
         raise UsageError("emulate needs --device NAME (see 'fundus-edge devices'), or 'emulate setup'")
     profile = get_profile(args.device)
     images = expand_inputs(args.inputs)
     if args.install_package is not None:
-        from .package import install_emulated
+        from ..devices.package import install_emulated
 
         res = install_emulated(args.install_package, profile, images, prefix=args.prefix, cache=args.cache_dir,
                                log=_log(args))
@@ -110,7 +110,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         return 0 if s.get("errors") == 0 else 10
     if args.bundle is None:
         raise UsageError("emulate needs --bundle DIR and images (or 'emulate setup')")
-    from .emulate import EmulateConfig, exit_error, run_emulate
+    from ..devices.emulate import EmulateConfig, exit_error, run_emulate
 
     cfg = EmulateConfig(profile=profile, bundle=args.bundle, images=images, artifacts=args.artifact,
                         fmt=args.format, precision=args.precision, ram_mb=args.ram_mb, memory_cap=args.memory_cap,
@@ -128,8 +128,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- package
 def cmd_package(args: argparse.Namespace) -> int:
-    from .package import build_package
-    from .profile import get_profile
+    from ..devices.package import build_package
+    from ..devices.profile import get_profile
 
     res = build_package(get_profile(args.device), args.bundle, args.out, unit_file=args.unit_file,
                         extra_wheels=args.extra_wheels, tarball=not args.no_tarball, force=args.force,

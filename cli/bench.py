@@ -11,7 +11,7 @@ from typing import Any
 
 def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 3000)) -> list[str]:
     """Synthetic fundus photos at a handheld camera's resolution (12 MP by default), JPEG quality 95."""
-    from .datasets.synthetic import camera_photo
+    from ..datasets.synthetic import camera_photo
 
     out = []
     for i in range(n):
@@ -22,15 +22,15 @@ def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import SAMPLES
-    from .devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
-    from .runtime.backends import BackendSettings
-    from .runtime.bench import bundle_macs, format_table, run_bench
-    from .runtime.bundle import load_bundle
-    from .runtime.screen import expand_inputs
+    from ..bundle.read import load_bundle
+    from ..devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
+    from ..runtime.backends import BackendSettings
+    from ..runtime.bench import bundle_macs, format_table, run_bench
+    from ..runtime.screen import expand_inputs
+    from .main import SAMPLES
 
     if args.project:  # an unknown device fails before the benchmark runs, not after
-        from .devices.profile import get_profile
+        from ..devices.profile import get_profile
 
         for name in args.project:
             get_profile(name)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError, BundleSignatureError, MissingDependencyError, UsageError
-from .bundle import MANIFEST, Bundle, load_bundle
+from .read import MANIFEST, Bundle, load_bundle
 
 SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_SCHEMA = "fundus-edge/bundle-signature"
@@ -397,7 +397,7 @@ def verify_bundle(path: str | os.PathLike[str], policy: TrustPolicy) -> tuple[Bu
 def load_trusted(path: str | os.PathLike[str], policy: TrustPolicy, **load_kwargs: Any) -> tuple[Any, SignatureStatus]:
     """:func:`verify_bundle`, then :func:`fundus_edge.runtime.load` on the verified bundle.
     Returns ``(screener, status)``."""
-    from .screen import load
+    from ..runtime.screen import load
 
     bundle, status = verify_bundle(path, policy)
     return load(bundle, **load_kwargs), status

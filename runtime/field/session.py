@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..errors import FundusEdgeError, ImageError
+from ... import __version__
+from ...bundle.read import Bundle
+from ...bundle.signing import SignatureStatus, TrustPolicy, verify_bundle
+from ...errors import FundusEdgeError, ImageError
+from ..backends import BackendSettings
+from ..screen import Prepared, Screener, ScreeningResult, load, overlapped
 from .audit import AuditLog
-from .backends import BackendSettings
-from .bundle import Bundle
-from .screen import Prepared, Screener, ScreeningResult, load, overlapped
-from .signing import SignatureStatus, TrustPolicy, verify_bundle
 from .store import ResultStore, StoredScreening, StoreReader, normalize_eye, validate_patient_id
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -229,7 +229,7 @@ class FieldSession:
 
 def check_bundle(bundle: str | os.PathLike[str], policy: TrustPolicy | None = None,
                  audit: AuditLog | None = None) -> tuple[Bundle, SignatureStatus]:
-    """:func:`~fundus_edge.runtime.signing.verify_bundle` with the refusal, if any, in the audit log."""
+    """:func:`~fundus_edge.bundle.signing.verify_bundle` with the refusal, if any, in the audit log."""
     policy = policy or TrustPolicy()
     try:
         return verify_bundle(bundle, policy)

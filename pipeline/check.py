@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from .datasets.labels import read_labels
-from .errors import MissingDependencyError
-from .quantization.calibration import prepare_inputs
-from .quantization.gate import GateCriteria, evaluate, gate
-from .quantization.quality_gate import quality_summary
-from .runtime.backends import BackendSettings, run_backend
-from .runtime.bundle import Artifact, Bundle, load_bundle
-from .runtime.postprocess import referable_probability
-from .runtime.preprocess import relayout
+from ..bundle.read import Artifact, Bundle, load_bundle
+from ..datasets.labels import read_labels
+from ..errors import MissingDependencyError
+from ..gate.gate import GateCriteria, evaluate, gate
+from ..gate.quality_gate import quality_summary
+from ..quantization.calibration import prepare_inputs
+from ..runtime.backends import BackendSettings, run_backend
+from ..runtime.postprocess import referable_probability
+from ..runtime.preprocess import relayout
 
 
 def _scores(b: Bundle, art: Artifact, tensors: np.ndarray, settings: BackendSettings | None) -> np.ndarray:

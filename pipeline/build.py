@@ -24,20 +24,20 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import __version__
-from .datasets.labels import LabelledSet, list_images, read_labels
-from .errors import GateFailedError, MissingDependencyError, UsageError
-from .quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
-from .quantization.fallback import FallbackBudget, GateSpec
-from .quantization.gate import GateCriteria, GateResult, evaluate, gate
-from .quantization.metrics import lock_threshold
-from .quantization.quality_gate import manifest_summary, quality_summary
-from .quantization.report import write_reports
-from .runtime.backends import BackendSettings, run_backend
-from .runtime.bundle import sha256_file, write_manifest
-from .runtime.postprocess import referable_probability
-from .runtime.preprocess import PreprocessSpec, relayout
-from .runtime.quality import QualitySpec
+from .. import __version__
+from ..bundle.read import sha256_file, write_manifest
+from ..datasets.labels import LabelledSet, list_images, read_labels
+from ..errors import GateFailedError, MissingDependencyError, UsageError
+from ..gate.gate import GateCriteria, GateResult, evaluate, gate
+from ..gate.metrics import lock_threshold
+from ..gate.quality_gate import manifest_summary, quality_summary
+from ..gate.report import write_reports
+from ..quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
+from ..quantization.fallback import FallbackBudget, GateSpec
+from ..runtime.backends import BackendSettings, run_backend
+from ..runtime.postprocess import referable_probability
+from ..runtime.preprocess import PreprocessSpec, relayout
+from ..runtime.quality import QualitySpec
 
 FORMATS = ("onnx", "tflite")
 
@@ -168,17 +168,17 @@ def _build_tflite(cfg: BuildConfig, module: Any, spec: PreprocessSpec, staging: 
                   step: Callable[[str], float], gating: GateSpec) -> _TfliteStage:
     """TFLite fp32 (litert-torch) with parity vs PyTorch, then full-integer int8 (ai-edge-quantizer), with the
     accuracy-aware per-op fallback when the int8 file fails the gate (unless ``cfg.fallback`` is off)."""
-    from .export.tflite import export_tflite
-    from .export.validate import torch_outputs, validate_export
-    from .quantization.fallback import MOSTLY_FLOAT
-    from .quantization.fallback_tflite import accuracy_aware_quantize_tflite
-    from .quantization.quantize_tflite import (
+    from ..export.tflite import export_tflite
+    from ..export.validate import torch_outputs, validate_export
+    from ..quantization.fallback import MOSTLY_FLOAT
+    from ..quantization.fallback_tflite import accuracy_aware_quantize_tflite
+    from ..quantization.quantize_tflite import (
         TfliteQuantConfig,
         TfliteQuantResult,
         calibrate_tflite,
         quantize_calibrated,
     )
-    from .runtime.compare import Tolerance
+    from ..runtime.compare import Tolerance
 
     layout = cfg.tflite_layout
     t = step(f"exporting TFLite fp32 (litert-torch, {layout} input) and checking parity")
@@ -227,19 +227,19 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     except ImportError as exc:
         raise MissingDependencyError("torch", "export", "Building a bundle") from exc
     _check_tflite_config(cfg)
-    from .export.load import load_model
-    from .export.onnx import INPUT_NAME, export_onnx
-    from .export.validate import torch_outputs, validate_export
-    from .quantization.debug import layer_errors
-    from .quantization.fallback import MOSTLY_FLOAT, accuracy_aware_quantize
-    from .quantization.quantize_onnx import (
+    from ..export.load import load_model
+    from ..export.onnx import INPUT_NAME, export_onnx
+    from ..export.validate import torch_outputs, validate_export
+    from ..quantization.debug import layer_errors
+    from ..quantization.fallback import MOSTLY_FLOAT, accuracy_aware_quantize
+    from ..quantization.quantize_onnx import (
         OnnxQuantConfig,
         OnnxQuantResult,
         count_macs,
         preprocess_for_quantization,
         quantize_onnx,
     )
-    from .runtime.compare import Tolerance
+    from ..runtime.compare import Tolerance
 
     say: Log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = cfg.out
@@ -248,7 +248,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory; choose another --out")
     if cfg.device:
-        from .devices.profile import get_profile
+        from ..devices.profile import get_profile
 
         get_profile(cfg.device)  # an unknown device fails now, not after the build
     if out.exists() and any(out.iterdir()) and not cfg.force:
@@ -259,7 +259,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             raise UsageError("--sign-key cannot be combined with --allow-failed-gate: a signature is the "
                              "publisher's approval to run the bundle, and a bundle that fails the gate is not "
                              "approved")
-        from .runtime.signing import load_signing_key
+        from ..bundle.signing import load_signing_key
 
         signer = load_signing_key(cfg.sign_key, cfg.sign_key_passphrase)
     n_tflite = ("tflite" in cfg.formats) * (1 + ("int8" in cfg.precisions))
@@ -476,7 +476,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         default = "onnx-int8" if gate_passed and any(a["id"] == "onnx-int8" for a in artifacts) else "onnx-fp32"
         device_entry = None
         if cfg.device:
-            from .devices.build_target import device_default
+            from ..devices.build_target import device_default
 
             default, device_entry = device_default(cfg.device, artifacts, gates, default, say)
         digest = hashlib.sha256()
@@ -516,7 +516,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
         }
         write_manifest(staging, manifest)
         if signer is not None:
-            from .runtime.signing import sign_bundle
+            from ..bundle.signing import sign_bundle
 
             sign_bundle(staging, signer)
             say(f"      signed manifest.json with key {signer.key_id} -> manifest.sig")
@@ -524,12 +524,12 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             shutil.rmtree(out)
         os.replace(staging, out)
         say(f"      bundle {manifest['bundle_id']} -> {out} ({time.perf_counter() - t:.1f}s)")
-        from .runtime.bundle import load_bundle
+        from ..bundle.read import load_bundle
 
         written = load_bundle(out).manifest
         signed_by = None
         if signer is not None:
-            from .runtime.signing import check_signature
+            from ..bundle.signing import check_signature
 
             signed_by = check_signature(out, {signer.key_id: signer.public_key()}, require=True).key_id
         return BuildResult(out, written, report, gate_passed, out, signed_by=signed_by)

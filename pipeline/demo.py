@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..cli.main import _build_summary, _format_result
+from ..datasets.synthetic import write_dataset
+from ..runtime import expand_inputs, load
 from .build import BuildConfig, run_build
-from .cli import _build_summary, _format_result
-from .datasets.synthetic import write_dataset
-from .runtime import expand_inputs, load
 
 
 def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, force: bool = True,
@@ -101,8 +101,8 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
                    held_csv: Path, force: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """A PTQ-fragile reference through the same gate with the accuracy-aware fallback. The fallback picks among
     candidates on the validation set, so its pick is re-checked on held-out images it never saw."""
+    from ..errors import GateFailedError
     from .check import run_check
-    from .errors import GateFailedError
 
     required = name == "dr-vit-tiny"
     log(f"== build: reference:{name} ({', '.join(formats)}) -> the same gate, accuracy-aware fallback on")

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-from .errors import ImageError, MissingDependencyError, ParityError, UsageError
+from ..errors import ImageError, MissingDependencyError, ParityError, UsageError
 
-SAMPLES = Path(__file__).resolve().parent / "tests" / "data" / "fundus"
+SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "data" / "fundus"
 
 
 @dataclass
@@ -37,8 +37,8 @@ class _Inputs:
 def _prepare(images: list[str], n_synthetic: int, seed: int, spec: Any) -> _Inputs:
     import numpy as np
 
-    from .datasets.synthetic import iter_dataset
-    from .runtime import expand_inputs, preprocess
+    from ..datasets.synthetic import iter_dataset
+    from ..runtime import expand_inputs, preprocess
 
     keys: list[str] = []
     sources: list[str] = []
@@ -88,8 +88,8 @@ def _run_pytorch(args: argparse.Namespace, bundle: Any, x: np.ndarray, notes: li
     if not args.model and not (str(model_ref).startswith("reference:") or Path(str(model_ref)).is_file()):
         notes.append(f"pytorch: not run (the bundle's model source {model_ref} is not here; pass --model)")
         return None
-    from .export.load import load_model
-    from .export.validate import torch_outputs
+    from ..export.load import load_model
+    from ..export.validate import torch_outputs
 
     arch = args.arch or bundle.manifest["model"].get("arch")
     loaded = load_model(str(model_ref), arch, args.num_classes or bundle.manifest["model"].get("num_outputs"))
@@ -101,8 +101,8 @@ def _run_artifacts(args: argparse.Namespace, bundle: Any, inputs: _Inputs, oset:
     """Each chosen artifact through its runtime backend; returns int8 coverage lines by artifact id."""
     import numpy as np
 
-    from .runtime.backends import BackendSettings, create_backend
-    from .runtime.preprocess import relayout
+    from ..runtime.backends import BackendSettings, create_backend
+    from ..runtime.preprocess import relayout
 
     chosen = [bundle.artifact(a) for a in args.artifacts] if args.artifacts else list(bundle.artifacts)
     settings = BackendSettings(threads=args.threads)
@@ -127,7 +127,7 @@ def _run_artifacts(args: argparse.Namespace, bundle: Any, inputs: _Inputs, oset:
 
 def _coverage_line(bundle: Any, art: Any) -> str:
     if art.format == "tflite":
-        from .runtime.tflite_graph import inspect_tflite
+        from ..runtime.tflite_graph import inspect_tflite
 
         return inspect_tflite(bundle.path(art)).summary()
     q = bundle.manifest.get("quantization", {}).get(art.id, {})
@@ -138,8 +138,8 @@ def _coverage_line(bundle: Any, art: Any) -> str:
 
 
 def _local(args: argparse.Namespace, notes: list[str]) -> tuple[Any, dict[str, Any], dict[str, str]]:
-    from .runtime.bundle import load_bundle
-    from .runtime.parity import OutputSet, default_label, tensor_digest
+    from ..bundle.read import load_bundle
+    from ..runtime.parity import OutputSet, default_label, tensor_digest
 
     bundle = load_bundle(args.bundle)
     images = args.images if args.images else ([str(SAMPLES)] if SAMPLES.is_dir() else [])
@@ -158,8 +158,8 @@ def _local(args: argparse.Namespace, notes: list[str]) -> tuple[Any, dict[str, A
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .cli import _emit
-    from .runtime.parity import ParityTolerances, load_outputs, merge, parity_matrix, save_outputs
+    from ..runtime.parity import ParityTolerances, load_outputs, merge, parity_matrix, save_outputs
+    from .main import _emit
 
     if args.bundle is None and not args.load_outputs:
         raise UsageError("compare needs --bundle (to run its artifacts here), --load-outputs, or both")

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, ImageError, UsageError
-from .quantization.metrics import auc
-from .runtime.preprocess import PreprocessSpec
-from .runtime.quality import MEASURES, Bounds, QualitySpec, assess_source, judge
+from ..errors import DataError, ImageError, UsageError
+from ..gate.metrics import auc
+from .preprocess import PreprocessSpec
+from .quality import MEASURES, Bounds, QualitySpec, assess_source, judge
 
 Progress = Callable[[int, int], None]
 

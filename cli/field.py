@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError, StoreError, UsageError
+from ..errors import ImageError, StoreError, UsageError
 
 FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id", "eye",
                         "audit_log")
@@ -62,7 +62,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- screen
 def _policy(args: argparse.Namespace) -> Any:
-    from .runtime.signing import TrustPolicy
+    from ..bundle.signing import TrustPolicy
 
     base = TrustPolicy.from_config(args.device_config) if args.device_config else TrustPolicy()
     return base.tightened(args.trusted_keys, args.require_signature)
@@ -98,7 +98,7 @@ def stop_on_signals(stop: threading.Event, reason: list[str]) -> Iterator[None]:
 
 
 def _line(rec: Any) -> str:
-    from .cli import _format_result
+    from .main import _format_result
 
     text = _format_result(rec)
     if rec.extra.get("stored"):
@@ -119,12 +119,12 @@ def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
 
 def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
-    from .cli import pipeline_settings, screen_choices, use_pipeline
-    from .runtime import expand_inputs
-    from .runtime.audit import AuditLog
-    from .runtime.session import Patient, open_session
-    from .runtime.store import ResultStore
-    from .runtime.watch import WatchOptions
+    from ..runtime import expand_inputs
+    from ..runtime.field.audit import AuditLog
+    from ..runtime.field.session import Patient, open_session
+    from ..runtime.field.store import ResultStore
+    from ..runtime.field.watch import WatchOptions
+    from .main import pipeline_settings, screen_choices, use_pipeline
 
     policy = _policy(args)
     patient = Patient.of(args.patient_id, args.eye)
@@ -203,7 +203,7 @@ def screen_field(args: argparse.Namespace) -> int:
 
 def _run_watch(args: argparse.Namespace, session: Any, options: Any, patient: Any, stop: threading.Event,
                reason: list[str], head: str) -> int:
-    from .runtime.watch import Watcher
+    from ..runtime.field.watch import Watcher
 
     def on_result(rec: Any) -> None:
         if args.json:
@@ -231,8 +231,8 @@ def _run_watch(args: argparse.Namespace, session: Any, options: Any, patient: An
 
 # ----------------------------------------------------------------------------------------------- results
 def cmd_results_export(args: argparse.Namespace) -> int:
-    from .runtime.audit import AuditLog
-    from .runtime.store import ResultStore, export_rows
+    from ..runtime.field.audit import AuditLog
+    from ..runtime.field.store import ResultStore, export_rows
 
     store_path = Path(args.store)
     with ResultStore(store_path, create=False) as store:
@@ -265,8 +265,8 @@ def cmd_results_export(args: argparse.Namespace) -> int:
 
 
 def cmd_results_verify(args: argparse.Namespace) -> int:
-    from .runtime.audit import verify_audit_log
-    from .runtime.store import ResultStore
+    from ..runtime.field.audit import verify_audit_log
+    from ..runtime.field.store import ResultStore
 
     store_path = Path(args.store)
     with ResultStore(store_path, create=False) as store:
@@ -293,7 +293,7 @@ def cmd_results_verify(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- keys
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from .runtime.signing import generate_keypair
+    from ..bundle.signing import generate_keypair
 
     keys = generate_keypair(args.out, args.name, passphrase_from_env(args.passphrase_env))
     _emit(args, keys.to_dict(),
@@ -305,7 +305,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_verify(args: argparse.Namespace) -> int:
-    from .runtime.signing import TrustPolicy, verify_bundle
+    from ..bundle.signing import TrustPolicy, verify_bundle
 
     bundle, status = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_keys, require_signature=True))
     _emit(args, {"bundle": str(args.bundle), "bundle_id": bundle.bundle_id, **status.to_dict(),

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import IMAGE_ERROR_CODES, BundleError, FundusEdgeError, ImageError
+from fundus_edge.errors import IMAGE_ERROR_CODES, BundleError, FundusEdgeError, ImageError
 
 Log = Callable[[str], None]
 
@@ -70,8 +70,8 @@ def _trimmed_rss() -> int:
 def _fuzz_worker(conn: Any, bundle: str | None) -> None:
     """Runs in a child process: screen (or only preprocess) each input it is sent; reply with the outcome and,
     when asked, this process's RSS. A native crash ends the process, which the parent sees and counts."""
-    from .runtime import load
-    from .runtime.preprocess import PreprocessSpec, preprocess
+    from fundus_edge.runtime import load
+    from fundus_edge.runtime.preprocess import PreprocessSpec, preprocess
 
     screener = load(bundle) if bundle else None
     spec = PreprocessSpec()
@@ -155,7 +155,7 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
-    from .datasets.badinputs import N_OPS, mutate
+    from fundus_edge.datasets.badinputs import N_OPS, mutate
 
     codes: Counter[str] = Counter()
     uncaught: list[dict[str, str]] = []
@@ -210,15 +210,15 @@ def run_fuzz(n: int, seeds: Sequence[tuple[str, bytes]], bundle: str | os.PathLi
 
 # ------------------------------------------------------------------------------------------------ kill
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fundus_edge.cli", *args]
+    return [sys.executable, "-m", "fundus_edge", *args]
 
 
 def run_kill_test(bundle: Path, work: Path, n_images: int, kills: int, seed: int, log: Log = lambda s: None,
                   image_size: int = 192) -> dict[str, Any]:
     """SIGKILL a watch-mode batch (``--after move``) ``kills`` times at random moments, restart it until the
     inbox is empty, then count what was lost or duplicated, in the store and among the moved files."""
-    from .datasets.synthetic import generate
-    from .runtime.audit import verify_audit_log
+    from fundus_edge.datasets.synthetic import generate
+    from fundus_edge.runtime.field.audit import verify_audit_log
 
     rng = random.Random(seed)
     inbox, done = work / "inbox", work / "done"
@@ -303,10 +303,10 @@ def run_tamper_sweep(bundle: Path, work: Path, positions_per_file: int = 200, se
     deleting each file, and the key-swap attacks (unsigned, signed by another key, re-signed after changing a
     model, a signature taken from another bundle). Every attempt goes through the audited check the CLI uses;
     the count of ``bundle-refused`` audit entries must equal the count of refusals."""
-    from .runtime.audit import AuditLog, verify_audit_log
-    from .runtime.bundle import MANIFEST, file_entry
-    from .runtime.session import check_bundle
-    from .runtime.signing import SIGNATURE_FILE, TrustPolicy, generate_keypair, load_signing_key, sign_bundle
+    from fundus_edge.bundle.read import MANIFEST, file_entry
+    from fundus_edge.bundle.signing import SIGNATURE_FILE, TrustPolicy, generate_keypair, load_signing_key, sign_bundle
+    from fundus_edge.runtime.field.audit import AuditLog, verify_audit_log
+    from fundus_edge.runtime.field.session import check_bundle
 
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)

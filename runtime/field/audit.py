@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..errors import StoreError
+from ...errors import StoreError
 
 try:  # POSIX (Raspberry Pi OS, Jetson Linux); elsewhere single-process appends are still safe
     import fcntl

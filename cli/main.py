@@ -17,15 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import FundusEdgeError, ImageError, UsageError
+from .. import __version__
+from ..errors import FundusEdgeError, ImageError, UsageError
 
 # Further commands live in their own modules, each with ``register(subparsers)`` adding its sub-command(s).
 # Registering must stay cheap: import heavy packages inside the command function, never at module level.
-COMMAND_MODULES: tuple[str, ...] = (".cli_quantize", ".cli_bench", ".cli_compare", ".cli_quality", ".devices.cli",
-                                   ".cli_field")
+COMMAND_MODULES: tuple[str, ...] = (".quantize", ".bench", ".compare", ".quality", ".devices", ".field")
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"
 
 
@@ -37,7 +36,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .runtime.backends import BackendSettings
+    from ..runtime.backends import BackendSettings
 
     return BackendSettings(threads=args.threads)
 
@@ -60,7 +59,7 @@ def _format_result(r: Any) -> str:
 def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> tuple[str | None, str | None, Any]:
     """Artifact id, format and backend settings for ``screen`` from --artifact, --format, --backend, --device
     and --threads. ``get_bundle`` gives the (verified) bundle, needed only when a device profile picks."""
-    from .runtime.backends import FORMATS_BY_BACKEND, BackendSettings
+    from ..runtime.backends import FORMATS_BY_BACKEND, BackendSettings
 
     fmt = args.format
     if args.backend:
@@ -71,12 +70,12 @@ def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> t
     artifact, settings = args.artifact, None
     device = args.device
     if device is None and getattr(args, "device_config", None):  # the [device] profile of --device-config
-        from .devices.config import profile_from_device_config
+        from ..devices.config import profile_from_device_config
 
         device = profile_from_device_config(args.device_config)
     if device:  # the device profile picks the artifact (unless given) and the backend settings
-        from .devices import resolve_device
-        from .devices.profile import choose_artifact, runnable_formats
+        from ..devices import resolve_device
+        from ..devices.profile import choose_artifact, runnable_formats
 
         profile = resolve_device(device)
         bundle = get_bundle()
@@ -112,8 +111,8 @@ def pipeline_settings(settings: Any, pipeline: bool) -> Any:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from .cli_field import screen_field, wants_field
-    from .runtime import expand_inputs, load
+    from ..runtime import expand_inputs, load
+    from .field import screen_field, wants_field
 
     if wants_field(args):  # result store, watch mode, patient fields, trust policy: cli_field.py
         return screen_field(args)
@@ -123,7 +122,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     loaded: list[Any] = []
 
     def load_once() -> Any:
-        from .runtime.bundle import load_bundle
+        from ..bundle.read import load_bundle
 
         loaded.append(load_bundle(args.bundle))
         return loaded[-1]
@@ -151,11 +150,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- build
 def _build_config(args: argparse.Namespace) -> Any:
-    from .build import BuildConfig
-    from .cli_field import passphrase_from_env
-    from .quantization.fallback import FallbackBudget
-    from .quantization.gate import GateCriteria
-    from .runtime.quality import load_quality_spec
+    from ..gate.gate import GateCriteria
+    from ..pipeline.build import BuildConfig
+    from ..quantization.fallback import FallbackBudget
+    from ..runtime.quality import load_quality_spec
+    from .field import passphrase_from_env
 
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
@@ -213,7 +212,7 @@ def fallback_lines(report: dict[str, Any]) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import run_build
+    from ..pipeline.build import run_build
 
     result = run_build(_build_config(args))
     payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
@@ -226,7 +225,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- check
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
+    from ..pipeline.check import run_check
 
     report = run_check(args.bundle, args.val, args.val_images, settings=_settings(args),
                        referable_from=args.referable_from, artifacts=args.artifacts)
@@ -237,7 +236,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    from .runtime.bundle import load_bundle
+    from ..bundle.read import load_bundle
 
     b = load_bundle(args.bundle)
     m = b.manifest
@@ -257,7 +256,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- synth
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .datasets.synthetic import CAMERAS, write_dataset
+    from ..datasets.synthetic import CAMERAS, write_dataset
 
     for c in args.cameras:
         if c not in CAMERAS:
@@ -270,7 +269,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..pipeline.demo import run_demo
 
     return run_demo(args.out, samples=args.samples, json_out=args.json, force=True, fragile=not args.skip_fragile)
 

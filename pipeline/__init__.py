@@ -1,0 +1,1 @@
+"""The toolchain's orchestration: ``build`` (model -> gated bundle, as stages) and ``check`` (re-gate a bundle)."""
