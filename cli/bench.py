@@ -23,11 +23,11 @@ def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
+    from ..datasets.open_fundus import SAMPLES
     from ..devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
     from ..runtime.backends import BackendSettings
     from ..runtime.bench import bundle_macs, format_table, run_bench
     from ..runtime.screen import expand_inputs
-    from .main import SAMPLES
 
     if args.project:  # an unknown device fails before the benchmark runs, not after
         from ..devices.profile import get_profile

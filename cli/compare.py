@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from ..datasets.open_fundus import SAMPLES
 from ..errors import ImageError, MissingDependencyError, ParityError, UsageError
-
-SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "data" / "fundus"
+from .output import emit
 
 
 @dataclass
@@ -159,7 +159,6 @@ def _local(args: argparse.Namespace, notes: list[str]) -> tuple[Any, dict[str, A
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..runtime.parity import ParityTolerances, load_outputs, merge, parity_matrix, save_outputs
-    from .main import _emit
 
     if args.bundle is None and not args.load_outputs:
         raise UsageError("compare needs --bundle (to run its artifacts here), --load-outputs, or both")
@@ -188,13 +187,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not args.save_outputs:
             raise UsageError(f"only {len(oset.outputs)} runner could run here ({list(oset.outputs)}); nothing to "
                              "compare. Install another runtime, or --save-outputs and compare on another machine")
-        _emit(args, {**payload, "matrix": None}, "\n".join([_header(oset), *notes]))
+        emit(args, {**payload, "matrix": None}, "\n".join([_header(oset), *notes]))
         return 0
     reference = "pytorch" if "pytorch" in oset.outputs else next(
         (n for n, r in oset.runners.items() if r.get("precision") == "fp32"), None)
     matrix = parity_matrix(oset, reference, tolerances)
     payload["matrix"] = matrix.to_dict()
-    _emit(args, payload, _text(oset, coverage, merges, notes, matrix))
+    emit(args, payload, _text(oset, coverage, merges, notes, matrix))
     return 0 if matrix else ParityError.exit_code
 
 

@@ -7,16 +7,12 @@ command functions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-
-
-def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    print(json.dumps(payload, indent=2) if getattr(args, "json", False) else text)
+from .output import emit
 
 
 def _log(args: argparse.Namespace) -> Any:
@@ -43,7 +39,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         lines += [f"    note: {n}" for n in inst.notes]
         if not p.supported:
             lines.append(f"  UNSUPPORTED: {p.unsupported}")
-        _emit(args, p.to_dict(), "\n".join(lines))
+        emit(args, p.to_dict(), "\n".join(lines))
         return 0
     profiles = list_profiles()
     rows = [f"{'device':<18} {'arch':<8} {'cores':<26} {'RAM MB':<20} {'preferred':<13} {'threads':<7} status"]
@@ -52,7 +48,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                     f"{'/'.join(map(str, p.memory.ram_mb)):<20} {p.runtime.artifacts[0]!s:<13} "
                     f"{p.runtime.threads or 'auto'!s:<7} {'ok' if p.supported else 'UNSUPPORTED'}")
     rows.append("details: fundus-edge devices NAME")
-    _emit(args, [p.to_dict() for p in profiles], "\n".join(rows))
+    emit(args, [p.to_dict() for p in profiles], "\n".join(rows))
     return 0
 
 
@@ -61,7 +57,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from ..devices.doctor import run_doctor
 
     rep = run_doctor(args.device, Path(args.root), in_process=args.in_process)
-    _emit(args, rep.to_dict(), rep.text())
+    emit(args, rep.to_dict(), rep.text())
     return rep.exit_code
 
 
@@ -75,7 +71,7 @@ def _setup(args: argparse.Namespace) -> int:
     text = (f"emulation root ready in {res.seconds:.1f} s ({'cached' if reused else 'built'}): {res.base}\n"
             f"  QEMU {res.qemu}; {d['megabytes']} MB on disk\n"
             f"  arm64 guest: " + ", ".join(f"{k} {v}" for k, v in res.versions.items()))
-    _emit(args, d, text)
+    emit(args, d, text)
     return 0
 
 
@@ -106,7 +102,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         lines.append(f"{s.get('n')} images: {s.get('refer')} refer, {s.get('no_refer')} no-refer, "
                      f"{s.get('errors')} errors (emulator time: install {res.install_seconds:.0f} s, screen "
                      f"{res.screen_seconds:.0f} s; not device speed)")
-        _emit(args, res.to_dict(), "\n".join(lines))
+        emit(args, res.to_dict(), "\n".join(lines))
         return 0 if s.get("errors") == 0 else 10
     if args.bundle is None:
         raise UsageError("emulate needs --bundle DIR and images (or 'emulate setup')")
@@ -118,7 +114,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
                         stack="tflite-runtime" if args.litert_package == "tflite-runtime" else "default",
                         cache=args.cache_dir)
     report = run_emulate(cfg, log=_log(args))
-    _emit(args, report.to_dict(), report.text())
+    emit(args, report.to_dict(), report.text())
     err = exit_error(report)
     if err is not None:
         print(f"fundus-edge: error: {err}", file=sys.stderr)
@@ -140,7 +136,7 @@ def cmd_package(args: argparse.Namespace) -> int:
             + f"\n  artifact {res.choice.artifact_id}: {res.choice.reason}"
             + "".join(f"\n  note: {n}" for n in res.notes)
             + f"\n  on the device: sh install.sh [/opt/fundus-edge]   (offline; {res.seconds:.0f} s to package)")
-    _emit(args, d, text)
+    emit(args, d, text)
     return 0
 
 

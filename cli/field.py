@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, StoreError, UsageError
+from .choices import pipeline_settings, screen_choices, use_pipeline
+from .output import emit, screening_line, warn
 
 FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id", "eye",
                         "audit_log")
@@ -51,13 +53,6 @@ def state_dir() -> Path:
 def default_audit_path(store: Path) -> Path:
     """``results.db`` -> ``results.audit.jsonl`` next to it."""
     return store.with_name(store.stem + ".audit.jsonl")
-
-
-def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(payload, indent=2))
-    else:
-        print(text)
 
 
 # ----------------------------------------------------------------------------------------------- screen
@@ -98,9 +93,7 @@ def stop_on_signals(stop: threading.Event, reason: list[str]) -> Iterator[None]:
 
 
 def _line(rec: Any) -> str:
-    from .main import _format_result
-
-    text = _format_result(rec)
+    text = screening_line(rec)
     if rec.extra.get("stored"):
         text += f"  [stored result #{rec.id} from {rec.created_at}]"
         if rec.extra.get("patient_mismatch"):
@@ -124,7 +117,6 @@ def screen_field(args: argparse.Namespace) -> int:
     from ..runtime.field.session import Patient, open_session
     from ..runtime.field.store import ResultStore
     from ..runtime.field.watch import WatchOptions
-    from .main import pipeline_settings, screen_choices, use_pipeline
 
     policy = _policy(args)
     patient = Patient.of(args.patient_id, args.eye)
@@ -164,21 +156,27 @@ def screen_field(args: argparse.Namespace) -> int:
             session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
                                    choose=choose, mode="watch" if args.watch is not None else "batch")
             if policy.active and not session.status.signed:
-                print(f"fundus-edge: warning: bundle {args.bundle} is not signed; it was accepted because signatures "
-                      "are not required (--require-signature)", file=sys.stderr)
+                warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
+                     "(--require-signature)")
             head = (f"bundle {session.bundle_id}, artifact {session.screener.artifact.id} "
                     f"({session.screener.backend.name})" + (f", signed by {session.status.key_id}"
                                                             if session.status.verified else ""))
             if args.watch is not None:
                 return _run_watch(args, session, options, patient, stop, reason, head)
             results = list(session.screen_files(sources, patient, pipeline=pipeline, stop=stop))
-            interrupted = len(results) < len(sources)
             session.close(reason[0] if reason else "done")
         finally:
             if store is not None:
                 store.close()
             if audit is not None:
                 audit.close()
+    return _batch_output(args, session, head, results, len(sources), reason)
+
+
+def _batch_output(args: argparse.Namespace, session: Any, head: str, results: list[Any], n_sources: int,
+                  reason: list[str]) -> int:
+    """Print (or --json) the results of a batch with a store; exit 130 when interrupted, 10 on image errors."""
+    interrupted = len(results) < n_sources
     n_err = sum(1 for r in results if r.error_code is not None)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
                "no_refer": sum(r.decision == "no-refer" for r in results),
@@ -193,9 +191,9 @@ def screen_field(args: argparse.Namespace) -> int:
                  f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened"
                  + (f", {summary['stored']} from the store" if args.store else ""))
     if interrupted:
-        lines.append(f"interrupted ({reason[0] if reason else 'stop'}): {len(sources) - len(results)} images not "
+        lines.append(f"interrupted ({reason[0] if reason else 'stop'}): {n_sources - len(results)} images not "
                      "screened; run the same command again to go on")
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     if interrupted:
         return 130
     return ImageError.exit_code if n_err else 0
@@ -284,7 +282,7 @@ def cmd_results_verify(args: argparse.Namespace) -> int:
         lines.append(f"audit log {audit_path}: {audit.entries} entries, chain "
                      f"{'intact' if audit else 'BROKEN: ' + '; '.join(audit.problems)}"
                      + (f", damaged lines {audit.damaged_lines}" if audit.damaged_lines else ""))
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     if not ok:
         raise StoreError(f"{store_path} failed verification; keep a copy of the files and restore the store "
                          "from its last export")
@@ -296,7 +294,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from ..bundle.signing import generate_keypair
 
     keys = generate_keypair(args.out, args.name, passphrase_from_env(args.passphrase_env))
-    _emit(args, keys.to_dict(),
+    emit(args, keys.to_dict(),
           f"key id {keys.key_id}\n"
           f"private key: {keys.private} (mode 600{', encrypted' if args.passphrase_env else ''}): keep it off the "
           "device, sign bundles with 'fundus-edge build --sign-key'\n"
@@ -308,7 +306,7 @@ def cmd_keys_verify(args: argparse.Namespace) -> int:
     from ..bundle.signing import TrustPolicy, verify_bundle
 
     bundle, status = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_keys, require_signature=True))
-    _emit(args, {"bundle": str(args.bundle), "bundle_id": bundle.bundle_id, **status.to_dict(),
+    emit(args, {"bundle": str(args.bundle), "bundle_id": bundle.bundle_id, **status.to_dict(),
                  "files_verified": len(bundle.manifest["files"])},
           f"bundle {bundle.bundle_id}: signature by key {status.key_id} verified; all "
           f"{len(bundle.manifest['files'])} files match the signed manifest")
@@ -317,39 +315,6 @@ def cmd_keys_verify(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- register
 def register(sub: Any) -> None:
-    screen = sub.choices["screen"]
-    g = screen.add_argument_group("field use: result store, watch mode, patient fields, signed bundles")
-    g.add_argument("--store", type=Path, metavar="DB",
-                   help="SQLite result store: every screening recorded; an image already screened under this "
-                        "bundle is not screened again")
-    g.add_argument("--audit-log", type=Path, metavar="FILE",
-                   help="append-only audit log (default: next to --store as NAME.audit.jsonl)")
-    g.add_argument("--patient-id", help="stored with every result of this run (never printed or logged)")
-    g.add_argument("--eye", help="left/right (also L, R, OS, OD); stored with every result of this run")
-    g.add_argument("--show-patient", action="store_true", help="include patient fields in --json output")
-    g.add_argument("--watch", type=Path, metavar="DIR", help="screen files as they appear in DIR (needs --store)")
-    g.add_argument("--after", choices=("keep", "move", "mark"), default="keep",
-                   help="what to do with a processed file in watch mode (default keep)")
-    g.add_argument("--move-to", type=Path, metavar="DIR", help="with --after move: destination (failed/ inside)")
-    g.add_argument("--poll", type=float, default=1.0, help="watch: seconds between directory scans")
-    g.add_argument("--settle", type=float, default=2.0,
-                   help="watch: a file must be unchanged this many seconds before it is read")
-    g.add_argument("--grace", type=float, default=60.0,
-                   help="watch: a file with no proper end (JPEG EOI, PNG IEND) is taken after this many seconds")
-    g.add_argument("--exit-when-idle", action="store_true", help="watch: exit once nothing is left to screen")
-    g.add_argument("--trusted-keys", type=Path, metavar="DIR", help="directory of trusted public keys (.pub)")
-    g.add_argument("--require-signature", action="store_true",
-                   help="refuse bundles not signed by a trusted key (needs fundus-edge[secure])")
-    g.add_argument("--device-config", type=Path, metavar="TOML",
-                   help="device config; its [security] table sets trusted_keys and require_signature")
-
-    build = sub.choices["build"]
-    b = build.add_argument_group("signing")
-    b.add_argument("--sign-key", type=Path, metavar="KEY",
-                   help="Ed25519 private key (from 'fundus-edge keys generate'): sign the bundle's manifest")
-    b.add_argument("--sign-key-passphrase-env", metavar="VAR",
-                   help="name of the environment variable holding the signing key's passphrase")
-
     r = sub.add_parser("results", help="export or verify the result store")
     rs = r.add_subparsers(dest="results_command", required=True)
     e = rs.add_parser("export", help="export screenings as CSV or JSON lines (for sync)")

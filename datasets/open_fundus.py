@@ -24,6 +24,7 @@ from ..errors import DataError
 ENV_VAR = "FUNDUS_EDGE_OPEN_FUNDUS"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SUBSET = PACKAGE_ROOT / "tests" / "data" / "open-fundus"
+SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"  # CC0 photographs (HRF healthy eyes, scikit-image retina)
 HRF_DIAGNOSES = {"h": "healthy", "dr": "diabetic retinopathy", "g": "glaucoma"}
 
 

@@ -83,6 +83,21 @@ def _scalar(tensor: bytes) -> float | None:
     return float(vals[0]) if len(vals) == 1 else None
 
 
+def _node(v: bytes) -> tuple[str, list[str], list[str]]:
+    """A NodeProto's op type, inputs and outputs."""
+    ins, outs, op = [], [], ""
+    for n2, _, v2 in _fields(v):
+        if not isinstance(v2, bytes):
+            continue
+        if n2 == _NODE_INPUT:
+            ins.append(v2.decode())
+        elif n2 == _NODE_OUTPUT:
+            outs.append(v2.decode())
+        elif n2 == _NODE_OP_TYPE:
+            op = v2.decode()
+    return op, ins, outs
+
+
 def output_lsb(path: str | Path) -> float | None:
     """The quantization step of the model's first output, or None when it is not a quantized output."""
     data = Path(path).read_bytes()
@@ -96,14 +111,7 @@ def output_lsb(path: str | Path) -> float | None:
         if not isinstance(v, bytes):
             continue
         if num == _GRAPH_NODE:
-            ins, outs, op = [], [], ""
-            for n2, _, v2 in _fields(v):
-                if n2 == _NODE_INPUT and isinstance(v2, bytes):
-                    ins.append(v2.decode())
-                elif n2 == _NODE_OUTPUT and isinstance(v2, bytes):
-                    outs.append(v2.decode())
-                elif n2 == _NODE_OP_TYPE and isinstance(v2, bytes):
-                    op = v2.decode()
+            op, ins, outs = _node(v)
             for o in outs:
                 producers[o] = (op, ins)
         elif num == _GRAPH_INITIALIZER:

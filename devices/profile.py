@@ -166,13 +166,7 @@ class DeviceProfile:
         if self.cpu.cores < 1 or self.runtime.threads < 0:
             raise DeviceError(f"{where}: cores must be >= 1 and threads >= 0")
         if self.arch == "aarch64":
-            if not self.cpu.qemu_cpu:
-                raise DeviceError(f"{where}: an aarch64 profile needs cpu.qemu_cpu (the QEMU model that emulates it)")
-            if self.cpu.qemu_cpu == "max":
-                raise DeviceError(f"{where}: qemu_cpu 'max' is refused: QEMU 7.2 computes wrong int8 results "
-                                  "with it; name the board's real core (e.g. cortex-a72)")
-            if not re.fullmatch(r"0x[0-9a-fA-F]{8}", self.cpu.midr):
-                raise DeviceError(f"{where}: cpu.midr must be a 32-bit hex MIDR_EL1 such as 0x410fd083")
+            self._check_arm(where)
         if not self.memory.ram_mb or min(self.memory.ram_mb) <= 0:
             raise DeviceError(f"{where}: memory.ram_mb must list the board's RAM variants in MB")
         if not 0 <= self.memory.reserved_mb < min(self.memory.ram_mb):
@@ -190,12 +184,25 @@ class DeviceProfile:
             raise DeviceError(f"{where}: install.python and install.glibc must look like '3.11' and '2.36'")
         if not self.supported and not self.unsupported:
             raise DeviceError(f"{where}: an unsupported profile must say why in 'unsupported'")
+        self._check_compute(where)
+
+    def _check_arm(self, where: str) -> None:
+        if not self.cpu.qemu_cpu:
+            raise DeviceError(f"{where}: an aarch64 profile needs cpu.qemu_cpu (the QEMU model that emulates it)")
+        if self.cpu.qemu_cpu == "max":
+            raise DeviceError(f"{where}: qemu_cpu 'max' is refused: QEMU 7.2 computes wrong int8 results "
+                              "with it; name the board's real core (e.g. cortex-a72)")
+        if not re.fullmatch(r"0x[0-9a-fA-F]{8}", self.cpu.midr):
+            raise DeviceError(f"{where}: cpu.midr must be a 32-bit hex MIDR_EL1 such as 0x410fd083")
+
+    def _check_compute(self, where: str) -> None:
         c = self.compute
-        if c is not None:
-            if min(c.int8_macs_per_cycle, c.fp32_macs_per_cycle) <= 0 or self.cpu.max_freq_khz <= 0:
-                raise DeviceError(f"{where}: [compute] needs MACs per cycle > 0 and cpu.max_freq_khz > 0")
-            if not (0 < c.int8_efficiency <= 1 and 0 < c.fp32_efficiency <= 1):
-                raise DeviceError(f"{where}: [compute] efficiencies must be in (0, 1]")
+        if c is None:
+            return
+        if min(c.int8_macs_per_cycle, c.fp32_macs_per_cycle) <= 0 or self.cpu.max_freq_khz <= 0:
+            raise DeviceError(f"{where}: [compute] needs MACs per cycle > 0 and cpu.max_freq_khz > 0")
+        if not (0 < c.int8_efficiency <= 1 and 0 < c.fp32_efficiency <= 1):
+            raise DeviceError(f"{where}: [compute] efficiencies must be in (0, 1]")
 
     @property
     def threads(self) -> int:

@@ -26,7 +26,8 @@ def _f(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _header(report: dict[str, Any]) -> list[str]:
+    """Verdict, validation set, operating point and the gate table."""
     lines = [f"# fundus-edge report: {report.get('name', 'bundle')}", ""]
     verdict = "PASSED" if report["gate_passed"] else "FAILED"
     lines += [f"**Clinical gate: {verdict}**" + ("" if report["gate_passed"] else
@@ -55,49 +56,82 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Gate criteria: ΔAUC ≥ {crit['min_delta_auc']}, Δsensitivity ≥ {crit['min_delta_sensitivity']}, "
               f"flips ≤ {crit['max_flip_rate']:.1%}. AUC CIs: percentile bootstrap, {crit['n_boot']} resamples, "
               f"seed {crit['seed']}.", ""]
-    lines += render_quality_markdown(report.get("quality"))
-    if report.get("confusion"):
-        lines += ["## Confusion at the operating point", "", "| artifact | TP | FN | FP | TN |",
-                  "|---|---|---|---|---|"]
-        for name, c in report["confusion"].items():
-            lines.append(f"| {name} | {c['tp']} | {c['fn']} | {c['fp']} | {c['tn']} |")
-        lines.append("")
-    if report.get("export"):
-        lines += ["## Export parity vs PyTorch", "",
-                  "| artifact | n | max abs | mean abs | top-1 | decision | result |", "|---|---|---|---|---|---|---|"]
-        for name, e in report["export"].items():
-            lines.append(f"| {name} | {e['n']} | {e['max_abs']:.2e} | {e['mean_abs']:.2e} | "
-                         f"{e['top1_agreement']:.3f} | {e['decision_agreement']:.3f} | "
-                         f"{'PASS' if e['passed'] else 'FAIL'} |")
-        lines.append("")
-    if report.get("quantization"):
-        lines += ["## Quantization", ""]
-        for name, q in report["quantization"].items():
-            cfg = q["config"]
-            if "full_integer" in q:  # TFLite (ai-edge-quantizer)
-                lines.append(
-                    f"- **{name}**: {q['tool']}; calibration {cfg['calibration']}, I/O {q['io_dtype']['input']} -> "
-                    f"{q['io_dtype']['output']}, {q['n_calibration']} calibration images; "
-                    f"{'full-integer' if q['full_integer'] else '**NOT full-integer**'}; int8 MAC share "
-                    f"{q['int8_mac_fraction']:.1%}; integer ops {q['quantized_ops']}; float ops "
-                    f"{q['float_ops'] or 'none'}; float<->int conversions inside the graph {q['inner_conversions']}."
-                )
-                continue
+    return lines
+
+
+def _confusion(report: dict[str, Any]) -> list[str]:
+    """Confusion counts at the operating point."""
+    lines: list[str] = []
+    if not report.get("confusion"):
+        return []
+    lines += ["## Confusion at the operating point", "", "| artifact | TP | FN | FP | TN |",
+              "|---|---|---|---|---|"]
+    for name, c in report["confusion"].items():
+        lines.append(f"| {name} | {c['tp']} | {c['fn']} | {c['fp']} | {c['tn']} |")
+    lines.append("")
+    return lines
+
+
+def _export(report: dict[str, Any]) -> list[str]:
+    """Export parity of every artifact against PyTorch."""
+    lines: list[str] = []
+    if not report.get("export"):
+        return []
+    lines += ["## Export parity vs PyTorch", "",
+              "| artifact | n | max abs | mean abs | top-1 | decision | result |", "|---|---|---|---|---|---|---|"]
+    for name, e in report["export"].items():
+        lines.append(f"| {name} | {e['n']} | {e['max_abs']:.2e} | {e['mean_abs']:.2e} | "
+                     f"{e['top1_agreement']:.3f} | {e['decision_agreement']:.3f} | "
+                     f"{'PASS' if e['passed'] else 'FAIL'} |")
+    lines.append("")
+    return lines
+
+
+def _quantization(report: dict[str, Any]) -> list[str]:
+    """How each int8 artifact was quantized."""
+    lines: list[str] = []
+    if not report.get("quantization"):
+        return []
+    lines += ["## Quantization", ""]
+    for name, q in report["quantization"].items():
+        cfg = q["config"]
+        if "full_integer" in q:  # TFLite (ai-edge-quantizer)
             lines.append(
-                f"- **{name}**: {q['tool']} ({q['format']}), calibrator {cfg['calibrator']}, "
-                f"per-channel {cfg['per_channel']}, activations {cfg['activation_type']} / weights "
-                f"{cfg['weight_type']}, {q['n_calibration']} calibration images; int8 MAC share "
-                f"{q['int8_mac_fraction']:.1%}; quantized ops {q['quantized_ops']}; float ops {q['float_ops']}; "
-                f"excluded nodes {cfg['nodes_to_exclude'] or 'none'}."
+                f"- **{name}**: {q['tool']}; calibration {cfg['calibration']}, I/O {q['io_dtype']['input']} -> "
+                f"{q['io_dtype']['output']}, {q['n_calibration']} calibration images; "
+                f"{'full-integer' if q['full_integer'] else '**NOT full-integer**'}; int8 MAC share "
+                f"{q['int8_mac_fraction']:.1%}; integer ops {q['quantized_ops']}; float ops "
+                f"{q['float_ops'] or 'none'}; float<->int conversions inside the graph {q['inner_conversions']}."
             )
-        lines.append("")
-    if report.get("artifacts"):
-        lines += ["## Artifacts", "", "| artifact | file | size | mean latency (this machine, 1 image) |",
-                  "|---|---|---|---|"]
-        for a in report["artifacts"]:
-            lat = a.get("mean_infer_ms")
-            lines.append(f"| {a['id']} | {a['path']} | {a['bytes'] / 1e6:.2f} MB | {_f(lat, 2)} ms |")
-        lines.append("")
+            continue
+        lines.append(
+            f"- **{name}**: {q['tool']} ({q['format']}), calibrator {cfg['calibrator']}, "
+            f"per-channel {cfg['per_channel']}, activations {cfg['activation_type']} / weights "
+            f"{cfg['weight_type']}, {q['n_calibration']} calibration images; int8 MAC share "
+            f"{q['int8_mac_fraction']:.1%}; quantized ops {q['quantized_ops']}; float ops {q['float_ops']}; "
+            f"excluded nodes {cfg['nodes_to_exclude'] or 'none'}."
+        )
+    lines.append("")
+    return lines
+
+
+def _artifacts(report: dict[str, Any]) -> list[str]:
+    """Files, sizes and latency on the build machine."""
+    lines: list[str] = []
+    if not report.get("artifacts"):
+        return []
+    lines += ["## Artifacts", "", "| artifact | file | size | mean latency (this machine, 1 image) |",
+              "|---|---|---|---|"]
+    for a in report["artifacts"]:
+        lat = a.get("mean_infer_ms")
+        lines.append(f"| {a['id']} | {a['path']} | {a['bytes'] / 1e6:.2f} MB | {_f(lat, 2)} ms |")
+    lines.append("")
+    return lines
+
+
+def _fallbacks(report: dict[str, Any]) -> list[str]:
+    """What the accuracy-aware fallback kept in float, step by step."""
+    lines: list[str] = []
     for q_name, q in (report.get("quantization") or {}).items():
         fb = q.get("fallback")
         if not fb:
@@ -121,6 +155,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{st['delta_sensitivity']:+.4f} | {st['flips']} | {st['int8_mac_fraction']:.1%} | "
                          f"{'PASS' if st['passed'] else 'fail'} |")
         lines.append("")
+    return lines
+
+
+def _noninferiority(report: dict[str, Any]) -> list[str]:
+    """Paired-bootstrap confidence intervals of the deltas."""
+    lines: list[str] = []
     ni_rows = [g for g in report["gates"] if g.get("noninferiority")]
     if ni_rows:
         lines += ["## Non-inferiority (paired bootstrap, 95 % CI)", "", "| artifact | ΔAUC (CI) | Δsensitivity (CI) |",
@@ -131,14 +171,28 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{ni['delta_auc_ci'][1]:+.4f}) | {ni['delta_sensitivity']:+.4f} "
                          f"({ni['delta_sensitivity_ci'][0]:+.4f}, {ni['delta_sensitivity_ci'][1]:+.4f}) |")
         lines.append("")
-    if report.get("layer_errors"):
-        worst = sorted(report["layer_errors"], key=lambda e: e["snr_db"])[:10]
-        lines += ["## Per-layer int8 error (lowest SNR first)", "", "| tensor | op | SNR dB | cosine | max abs |",
-                  "|---|---|---|---|---|"]
-        for e in worst:
-            lines.append(f"| {e['tensor']} | {e['op_type']} | {e['snr_db']:.2f} | {e['cosine']:.5f} | "
-                         f"{e['max_abs']:.4f} |")
-        lines.append("")
+    return lines
+
+
+def _layer_errors(report: dict[str, Any]) -> list[str]:
+    """The ten layers with the lowest int8 SNR."""
+    lines: list[str] = []
+    if not report.get("layer_errors"):
+        return []
+    worst = sorted(report["layer_errors"], key=lambda e: e["snr_db"])[:10]
+    lines += ["## Per-layer int8 error (lowest SNR first)", "", "| tensor | op | SNR dB | cosine | max abs |",
+              "|---|---|---|---|---|"]
+    for e in worst:
+        lines.append(f"| {e['tensor']} | {e['op_type']} | {e['snr_db']:.2f} | {e['cosine']:.5f} | "
+                     f"{e['max_abs']:.4f} |")
+    lines.append("")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = _header(report) + render_quality_markdown(report.get("quality"))
+    for section in (_confusion, _export, _quantization, _artifacts, _fallbacks, _noninferiority, _layer_errors):
+        lines += section(report)
     if report.get("figure_files"):
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figure_files"]] + [""]
     lines += ["Synthetic validation data (if used) tests the pipeline only and supports no clinical claim.", ""]

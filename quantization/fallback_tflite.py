@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fallback import FallbackBudget, FallbackResult, GateSpec, search_fallback
 from .quantize_tflite import TfliteCalibration, TfliteQuantConfig, TfliteQuantResult, quantize_calibrated
+from .search import FallbackBudget, FallbackResult, GateSpec, search_fallback
 
 # ops worth keeping in float: they carry the MACs or the PTQ-fragile nonlinearities
 RANKED_TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "SUB",

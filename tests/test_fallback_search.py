@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fundus_edge.gate.gate import GateCriteria
-from fundus_edge.quantization import fallback
+from fundus_edge.quantization import search as fallback
 from fundus_edge.quantization.fallback import (
     FallbackBudget,
     FallbackResult,

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fundus_edge.bundle.read import Bundle, load_bundle
-from fundus_edge.cli import main, pipeline_settings, use_pipeline
+from fundus_edge.cli import main
+from fundus_edge.cli.choices import pipeline_settings, use_pipeline
 from fundus_edge.devices.profile import get_profile, profile_from_dict, read_toml
 from fundus_edge.devices.projection import LABEL, bound_ms, format_projection, project, project_artifacts
 from fundus_edge.errors import DeviceError, UsageError

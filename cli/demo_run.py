@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..cli.main import _build_summary, _format_result
 from ..datasets.synthetic import write_dataset
+from ..pipeline.build import BuildConfig, run_build
 from ..runtime import expand_inputs, load
-from .build import BuildConfig, run_build
+from .build import build_summary
+from .output import screening_line
 
 
 def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, force: bool = True,
@@ -67,15 +68,15 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
                              if tflite else {}),
                           **({"fragile_models": fragile_reps} if fragile_reps else {})}, indent=2))
     else:
-        print(_build_summary(result))
+        print(build_summary(result))
         print(f"report: {out / 'bundle' / 'report.md'}")
         print(f"screening with {screener.artifact.id} ({screener.backend.name}):")
         for r in results:
-            print("  " + _format_result(r))
+            print("  " + screening_line(r))
         if tflite:
             print(f"screening with {tflite['artifact']} ({tflite['backend']}):")
             for r in tflite["results"]:
-                print("  " + _format_result(r))
+                print("  " + screening_line(r))
         print("Note: the reference model was trained on synthetic pictures only. Its decisions on the real CC0 "
               "photographs (healthy, ungraded eyes) mean nothing clinically; they are screened to exercise decoding, "
               "field-of-view detection and the runtime on real camera output. The out-of-focus copy shows the "
@@ -102,7 +103,7 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     """A PTQ-fragile reference through the same gate with the accuracy-aware fallback. The fallback picks among
     candidates on the validation set, so its pick is re-checked on held-out images it never saw."""
     from ..errors import GateFailedError
-    from .check import run_check
+    from ..pipeline.check import run_check
 
     required = name == "dr-vit-tiny"
     log(f"== build: reference:{name} ({', '.join(formats)}) -> the same gate, accuracy-aware fallback on")
@@ -114,7 +115,7 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     except GateFailedError as exc:
         summary.append(f"  clinical gate FAILED even with the fallback (no bundle written): {exc}")
         return {"model": name, "required": required, "gate_passed": False, "error": str(exc), "summary": summary}
-    summary += ["  " + line for line in _build_summary(result).splitlines()]
+    summary += ["  " + line for line in build_summary(result).splitlines()]
     log(f"== held-out re-check of {name}: {held_csv.parent} (new synthetic images, seed 13)")
     check = run_check(bundle, held_csv)
     summary.append("  held-out re-check (the fallback chose its files on the validation set; these images are new):")

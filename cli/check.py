@@ -1,0 +1,57 @@
+"""``fundus-edge check`` (re-run a bundle's clinical gate on any labelled set) and ``info`` (verify a bundle
+and summarise its manifest). Torch-free."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .choices import backend_settings
+from .output import emit
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..pipeline.check import run_check
+
+    report = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
+                       referable_from=args.referable_from, artifacts=args.artifacts)
+    lines = [report["text"]]
+    emit(args, {k: v for k, v in report.items() if k != "text"}, "\n".join(lines))
+    return 0 if report["passed"] else 8
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..bundle.read import load_bundle
+
+    b = load_bundle(args.bundle)
+    m = b.manifest
+    lines = [f"bundle {b.bundle_id} (schema {m['schema_version']}), created {m.get('created')}, all "
+             f"{len(m['files'])} files verified",
+             f"model: {m['model'].get('arch')} classes {b.class_names}, referable {b.positive_classes}",
+             f"input: {m['input']['shape']} {m['input']['layout']}; preprocessing size {b.preprocessing.size}",
+             f"operating point: threshold {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
+             f"gate: {'passed' if m['gate']['passed'] else 'FAILED'}"
+             + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")]
+    for a in b.artifacts:
+        mark = " (default)" if a.id == m.get("default_artifact") else ""
+        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout} {a.io_dtype} I/O{mark}")
+    emit(args, {"bundle_id": b.bundle_id, "manifest": m, "verified": True}, "\n".join(lines))
+    return 0
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("check", help="re-run the clinical gate of a bundle on any labelled set (torch-free)")
+    c.add_argument("--bundle", required=True, type=Path)
+    c.add_argument("--val", required=True, type=Path)
+    c.add_argument("--val-images", type=Path)
+    c.add_argument("--referable-from", type=int, default=2)
+    c.add_argument("--artifacts", nargs="*", help="artifact ids to check (default: all)")
+    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser("info", help="verify a bundle and print its manifest summary")
+    i.add_argument("--bundle", required=True, type=Path)
+    i.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    i.set_defaults(func=cmd_info)

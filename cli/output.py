@@ -1,0 +1,60 @@
+"""The one place that turns results into text or JSON on stdout, and errors into stderr lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import FundusEdgeError
+
+
+def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    """``--json``: one JSON document on stdout; otherwise the text."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2))
+    else:
+        print(text)
+
+
+def error(args: argparse.Namespace, exc: FundusEdgeError) -> None:
+    """A user error: a JSON error document on stdout with ``--json``, always one line on stderr."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": exc.code, "message": str(exc), "exit_code": exc.exit_code}}))
+    print(f"fundus-edge: error: {exc}", file=sys.stderr)
+
+
+def warn(text: str) -> None:
+    print(f"fundus-edge: warning: {text}", file=sys.stderr)
+
+
+def log(text: str) -> None:
+    """Progress for long work: stderr, flushed (never stdout, which carries results)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def screening_line(r: Any) -> str:
+    """One screening result as a line (two for an ungradable image: the reasons, then the retake hint)."""
+    name = Path(r.source).name
+    if r.error:
+        return f"{name:<28} ERROR     {r.error['code']}: {r.error['message']}"
+    if r.decision == "ungradable":
+        q = r.quality or {}
+        return (f"{name:<28} UNGRADABLE no referral decision: {'; '.join(q.get('reasons', []))}\n"
+                f"{'':<29}{q.get('hint') or ''}")
+    t = r.timings_ms
+    fov = "" if r.fov and r.fov.get("found") else "  (no field of view found: centre crop)"
+    return (f"{name:<28} {r.decision.upper():<9} p(referable)={r.probability:.3f} (threshold {r.threshold:.3f})"
+            f"  decode {t['decode']:.1f} ms, preprocess {t['preprocess']:.1f} ms, infer {t['infer']:.1f} ms{fov}")
+
+
+def screening_summary(summary: dict[str, Any]) -> str:
+    return (f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
+            f"{summary['ungradable']} ungradable (retake), {summary['errors']} could not be screened")
+
+
+def fmt_opt(v: float | None) -> str:
+    """A metric that may be missing (no positives, no negatives): '-'."""
+    return "-" if v is None else f"{v:.4f}"
