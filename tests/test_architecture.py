@@ -35,7 +35,13 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     is_pkg = path.name == "__init__.py"
     package = name.split(".") if is_pkg else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}  # never executed
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = ".".join(package[: len(package) - node.level + 1])
@@ -89,11 +95,21 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _graph() -> dict[str, set[str]]:
+    """Import edges. Importing ``a.b.c`` first runs the ``__init__`` of ``a`` and ``a.b``: those count as edges too,
+    except for packages the importer itself sits in (already initialised by then)."""
     mods = _modules()
     known = set(mods)
-    # a package's __init__ is imported with any of its modules: not an edge of its own
-    return {name: {t for t in _imports(name, path, known) if not name.startswith(t + ".")}
-            for name, path in mods.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        edges = set()
+        for t in _imports(name, path, known):
+            parts = t.split(".")
+            for i in range(2, len(parts) + 1):
+                anc = ".".join(parts[:i])
+                if anc in known and anc != name and not name.startswith(anc + "."):
+                    edges.add(anc)
+        graph[name] = edges
+    return graph
 
 
 def test_no_import_cycles() -> None:
