@@ -89,6 +89,14 @@ class Producer:
     platform: str
     packages: Mapping[str, str] = dataclasses.field(default_factory=dict)  # distribution name -> version
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "producer") -> Producer:
+        """From the flat JSON form (``pipeline/build.py: producer_versions()``)."""
+        return _parse_producer(data, where)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"fundus_edge": self.fundus_edge, "python": self.python, "platform": self.platform, **self.packages}
+
 
 _PRODUCER_KEYS = ("fundus_edge", "python", "platform")
 
@@ -106,7 +114,6 @@ def _parse_producer(v: Any, where: str) -> Producer:
                     {k: x for k, x in v.items() if k not in _PRODUCER_KEYS})
 
 
-PRODUCER = Codec(_parse_producer,
-                 lambda p: {"fundus_edge": p.fundus_edge, "python": p.python, "platform": p.platform, **p.packages},
+PRODUCER = Codec(_parse_producer, lambda p: p.to_dict(),
                  {"description": Producer.__doc__, "type": "object", "required": list(_PRODUCER_KEYS),
                   "additionalProperties": {"type": "string"}})

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING
 from typing import Any, Literal, Union
 
-from ..errors import BundleError
+from ..errors import BundleError, BundleIntegrityError
 
 JsonObject = Mapping[str, Any]  # a JSON object whose inside is not typed here (rich reports)
 FIX = "rebuild the bundle with 'fundus-edge build' (a hand-edited or damaged manifest cannot be used)"
@@ -37,7 +37,22 @@ class Codec(typing.NamedTuple):
     schema: dict[str, Any]
 
 
-def fail(where: str, problem: str) -> typing.NoReturn:
+class JsonRecord:
+    """``from_dict`` / ``to_dict`` for a manifest dataclass (strict parse, exact inverse)."""
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Any:
+        return parse(cls, data, where or cls.__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dump(self)
+
+
+def fail(where: str, problem: str, integrity: bool = False) -> typing.NoReturn:
+    """Raise :class:`BundleError` (``integrity``: :class:`BundleIntegrityError`, a checksum is not covered or
+    does not agree) naming the field."""
+    if integrity:
+        raise BundleIntegrityError(f"manifest field '{where}': {problem}; do not use this bundle")
     raise BundleError(f"manifest field '{where}': {problem}; {FIX}")
 
 

@@ -32,7 +32,7 @@ from ..errors import BundleError
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
 from ._codecs import PREPROCESSING, PRODUCER, QUALITY, Producer
-from ._typed import FIX, JsonObject, dump, fail, parse, schema_of, spec
+from ._typed import FIX, JsonObject, JsonRecord, dump, fail, parse, schema_of, spec
 
 SCHEMA = "fundus-edge/bundle"
 SCHEMA_VERSION = 2
@@ -49,7 +49,7 @@ __all__ = ["SCHEMA", "SCHEMA_VERSION", "Artifact", "ClassificationMeaning", "Com
 
 
 @dataclass(frozen=True, kw_only=True)
-class FileEntry:
+class FileEntry(JsonRecord):
     """A file of the bundle: its sha256 and size."""
 
     sha256: str = spec(pattern=_HEX64)
@@ -57,7 +57,7 @@ class FileEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TensorSpec:
+class TensorSpec(JsonRecord):
     """The model's input tensor: name, shape (``"batch"`` for the free batch dimension), dtype, layout."""
 
     name: str = spec(min_len=1)
@@ -67,7 +67,7 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClassificationMeaning:
+class ClassificationMeaning(JsonRecord):
     """What a classifier's output means: logits over ``class_names``; the referable probability is the
     activation (softmax; sigmoid for one output) summed over ``positive_classes``."""
 
@@ -98,7 +98,7 @@ _MEANING_BY_TASK: dict[str, type[Any]] = {"classification": ClassificationMeanin
 
 
 @dataclass(frozen=True, kw_only=True)
-class OutputSpec:
+class OutputSpec(JsonRecord):
     """The model's output tensor and what it means."""
 
     name: str = spec(min_len=1)
@@ -108,7 +108,7 @@ class OutputSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelInfo:
+class ModelInfo(JsonRecord):
     """Where the model came from."""
 
     source: str = spec()
@@ -119,7 +119,7 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OperatingPoint:
+class OperatingPoint(JsonRecord):
     """The decision threshold on the referable probability, locked on the reference artifact at build time."""
 
     threshold: float = spec(ge=0.0, le=1.0)
@@ -133,7 +133,7 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Artifact:
+class Artifact(JsonRecord):
     """One model file in the bundle (``gate``: its gate record, typed only at the top)."""
 
     id: str = spec(pattern=_ID)
@@ -147,7 +147,7 @@ class Artifact:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GateEntry:
+class GateEntry(JsonRecord):
     """One candidate artifact's verdict against the reference."""
 
     passed: bool = spec()
@@ -157,7 +157,7 @@ class GateEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GateSummary:
+class GateSummary(JsonRecord):
     """The clinical accuracy gate: its criteria, validation size and each candidate's verdict."""
 
     passed: bool = spec()
@@ -169,7 +169,7 @@ class GateSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Compute:
+class Compute(JsonRecord):
     """Multiply-accumulates of one inference, counted on the fp32 ONNX at build time (for device projections)."""
 
     macs: int = spec(ge=0)
@@ -181,7 +181,7 @@ class Compute:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Device:
+class Device(JsonRecord):
     """``build --device``: the profile the default artifact was chosen for, and its runtime settings."""
 
     profile: str = spec()
@@ -194,7 +194,7 @@ class Device:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Manifest:
+class Manifest(JsonRecord):
     """A bundle's manifest.json (schema v2): the only contract between the toolchain and the device."""
 
     schema: Literal["fundus-edge/bundle"] = spec()
@@ -220,7 +220,7 @@ class Manifest:
     files: Mapping[str, FileEntry] = spec(min_len=1)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Manifest:
+    def from_dict(cls, data: Any, where: str = "") -> Manifest:
         """Check and type a manifest (v1 is migrated first); raises :class:`BundleError` naming the field."""
         if not isinstance(data, dict):
             raise BundleError("the manifest is not a JSON object; it is not a fundus-edge bundle manifest")
@@ -292,10 +292,11 @@ class Manifest:
                 fail(f"artifacts[{i}].id", f"{a.id!r} is used by two artifacts")
             seen.add(a.id)
             if a.path not in self.files:
-                fail(f"artifacts[{i}].path", f"{a.path!r} is not in 'files', so it is not covered by a checksum")
+                fail(f"artifacts[{i}].path", f"{a.path!r} is not in 'files', so it is not covered by a checksum",
+                     integrity=True)
             if a.sha256 is not None and a.sha256 != self.files[a.path].sha256:
                 fail(f"artifacts[{i}].sha256", f"differs from the checksum of {a.path} in 'files': the manifest "
-                     "was edited; do not use this bundle")
+                     "was edited", integrity=True)
         for rel in self.files:
             p = PurePosixPath(rel)
             if p.is_absolute() or ".." in p.parts or "\\" in rel or not rel.strip():

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,61 @@ def test_refusal_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 4, p.stderr
         assert "Traceback" not in p.stderr and p.stderr.startswith("fundus-edge: error: ")
+
+
+def test_typed_construction_as_build_does(tmp_path: Path) -> None:
+    """The constructors build uses (see the report to the lead): every part typed, files checksummed on write."""
+    from fundus_edge.bundle.manifest import (
+        SCHEMA,
+        SCHEMA_VERSION,
+        Artifact,
+        ClassificationMeaning,
+        Compute,
+        Device,
+        GateEntry,
+        GateSummary,
+        ModelInfo,
+        OperatingPoint,
+        OutputSpec,
+        Producer,
+        TensorSpec,
+    )
+    from fundus_edge.runtime.preprocess import PreprocessSpec
+
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "model.fp32.onnx").write_bytes(b"fp32")
+    (b / "report.md").write_text("report")
+    raw = v1_raw()
+    spec = PreprocessSpec()
+    m = Manifest(
+        schema=SCHEMA, schema_version=SCHEMA_VERSION, task="classification", bundle_id="dr-0123456789ab", name="dr",
+        created="2026-12-03T15:27:36+00:00",
+        model=ModelInfo(source="reference:dr-resnet18s", arch="fundus-edge:resnet18s", num_outputs=2,
+                        referable_rule="grade >= 2", training=None),
+        input=TensorSpec(name="input", shape=("batch", 3, spec.size, spec.size), dtype="float32", layout=spec.layout),
+        output=OutputSpec(name="logits", shape=("batch", 2), dtype="float32",
+                          meaning=ClassificationMeaning(kind="logits", activation="softmax",
+                                                        class_names=("no-referable", "referable"),
+                                                        positive_classes=(1,))),
+        preprocessing=spec,
+        operating_point=OperatingPoint(threshold=0.52, rule="sensitivity>=0.90", locked_on="onnx-fp32",
+                                       sensitivity=0.9, specificity=0.8),
+        artifacts=(Artifact(id="onnx-fp32", path="model.fp32.onnx", format="onnx", precision="fp32", layout="NCHW",
+                            io_dtype="float32", gate={"passed": True, "role": "reference"}),),
+        default_artifact="onnx-fp32",
+        gate=GateSummary(passed=True, allow_failed_gate=False, criteria=raw["gate"]["criteria"], n_validation=120,
+                         summary={}),
+        quantization={}, export={"onnx-fp32": raw["export"]["onnx-fp32"]},
+        compute=Compute(**raw["compute"]),
+        producer=Producer.from_dict(raw["producer"]),
+        device=Device(**{**raw["device"], "artifact": "onnx-fp32"}),
+        files={},
+    )
+    write_manifest(b, m, files=["model.fp32.onnx", "report.md"])
+    loaded = load_bundle(b)
+    assert loaded.spec.files["report.md"].bytes == 6 and loaded.artifact().id == "onnx-fp32"
+    assert loaded.spec == Manifest.from_dict(m.with_files(loaded.spec.files).to_dict())
+    assert GateEntry.from_dict({"passed": True, "delta_auc": 0.0, "delta_sensitivity": None, "flips": 0}).flips == 0
+    with pytest.raises(BundleError, match=r"operating_point\.threshold"):
+        write_manifest(b, replace(m, operating_point=OperatingPoint(threshold=2.0, rule="x")), files=["report.md"])
