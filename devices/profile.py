@@ -21,8 +21,6 @@ from ..errors import DeviceError, UsageError
 if TYPE_CHECKING:
     from ..bundle.manifest import Manifest
 
-GateVerdicts = Mapping[str, bool]  # artifact id -> passed the clinical gate
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 devices (Jetson Orin, JetPack 6)
@@ -335,22 +333,22 @@ class ArtifactChoice:
         return asdict(self)
 
 
-def _verdicts(manifest: Manifest | GateVerdicts | Mapping[str, Any] | None) -> tuple[GateVerdicts, str | None]:
-    """(artifact id -> gate passed, the bundle's default artifact) from a typed manifest or gate verdicts. The
-    reference artifact is absent from the verdicts: the gate compares the others against it, so it passes."""
+def _verdicts(manifest: Manifest | Mapping[str, Any] | None) -> tuple[Mapping[str, bool], str | None]:
+    """(artifact id -> gate passed, default artifact); the reference is absent from the verdicts: it passes."""
     from ..bundle.manifest import Manifest  # here: profiles are data, importable without numpy
 
     if isinstance(manifest, Manifest):
         summary = manifest.gate.summary if manifest.gate is not None else {}
         return {aid: g.passed for aid, g in summary.items()}, manifest.default_artifact
     if manifest and "schema" in manifest:  # transition: cli/main.py still passes the JSON form (bundle.manifest)
-        typed = Manifest.from_dict(dict(manifest))
-        return _verdicts(typed)
-    return {k: bool(v) for k, v in (manifest or {}).items()}, None
+        return _verdicts(Manifest.from_dict(dict(manifest)))
+    if not all(isinstance(v, bool) for v in (manifest or {}).values()):  # a partial manifest would read as "passed"
+        raise TypeError("choose_artifact takes the typed Manifest, or gate verdicts as {artifact id: passed}")
+    return dict(manifest or {}), None
 
 
 def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any],
-                    manifest: Manifest | GateVerdicts | Mapping[str, Any] | None = None,
+                    manifest: Manifest | Mapping[str, Any] | None = None,
                     runnable_formats: Iterable[str] | None = None, default: str | None = None) -> ArtifactChoice:
     """The first of the profile's preferences that the bundle has (gate passed, backend available here).
 
