@@ -237,7 +237,7 @@ def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file
     if not unit.is_file():
         raise UsageError(f"--unit-file {unit} does not exist")
     bundle = load_bundle(bundle_dir)
-    choice = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats())
+    choice = choose_artifact(profile, bundle.artifacts, bundle.spec, runnable_formats())
     keys = sorted(Path(trusted_keys).glob("*.pub")) if trusted_keys else []
     if trusted_keys and (not keys or any(Path(trusted_keys).glob("*.key"))):
         raise UsageError(f"--trusted-keys {trusted_keys} must hold public keys (.pub) and no private key (.key)")
