@@ -101,6 +101,7 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
                    held_csv: Path, force: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """A PTQ-fragile reference through the same gate with the accuracy-aware fallback. The fallback picks among
     candidates on the validation set, so its pick is re-checked on held-out images it never saw."""
+    from ..cli.check_format import format_check
     from ..errors import GateFailedError
     from .check import run_check
 
@@ -118,8 +119,8 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     log(f"== held-out re-check of {name}: {held_csv.parent} (new synthetic images, seed 13)")
     check = run_check(bundle, held_csv)
     summary.append("  held-out re-check (the fallback chose its files on the validation set; these images are new):")
-    summary += ["    " + line for line in check["text"].splitlines()]
+    summary += ["    " + line for line in format_check(check).splitlines()]
     return {"model": name, "required": required, "gate_passed": result.gate_passed, "bundle": str(bundle),
-            "gates": result.report["gates"], "heldout_passed": check["passed"],
+            "gates": result.report["gates"], "heldout_passed": check.passed,
             "fallback": {k: v.get("fallback") for k, v in result.report["quantization"].items()},
             "summary": summary}
