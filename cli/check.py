@@ -13,12 +13,12 @@ from .output import emit
 
 def cmd_check(args: argparse.Namespace) -> int:
     from ..pipeline.check import run_check
+    from .check_format import format_check
 
-    report = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
+    result = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
                        referable_from=args.referable_from, artifacts=args.artifacts)
-    lines = [report["text"]]
-    emit(args, {k: v for k, v in report.items() if k != "text"}, "\n".join(lines))
-    return 0 if report["passed"] else 8
+    emit(args, result.to_dict(), format_check(result))
+    return 0 if result.passed else 8
 
 
 def cmd_info(args: argparse.Namespace) -> int:

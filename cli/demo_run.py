@@ -104,6 +104,7 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     candidates on the validation set, so its pick is re-checked on held-out images it never saw."""
     from ..errors import GateFailedError
     from ..pipeline.check import run_check
+    from .check_format import format_check
 
     required = name == "dr-vit-tiny"
     log(f"== build: reference:{name} ({', '.join(formats)}) -> the same gate, accuracy-aware fallback on")
@@ -119,8 +120,8 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     log(f"== held-out re-check of {name}: {held_csv.parent} (new synthetic images, seed 13)")
     check = run_check(bundle, held_csv)
     summary.append("  held-out re-check (the fallback chose its files on the validation set; these images are new):")
-    summary += ["    " + line for line in check["text"].splitlines()]
+    summary += ["    " + line for line in format_check(check).splitlines()]
     return {"model": name, "required": required, "gate_passed": result.gate_passed, "bundle": str(bundle),
-            "gates": result.report["gates"], "heldout_passed": check["passed"],
+            "gates": result.report["gates"], "heldout_passed": check.passed,
             "fallback": {k: v.get("fallback") for k, v in result.report["quantization"].items()},
             "summary": summary}

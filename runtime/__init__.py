@@ -1,7 +1,7 @@
 """The on-device runtime: numpy + pillow + one inference backend. It never imports torch or onnx.
 
-The public names are loaded on first use (PEP 562), so importing one runtime module (``runtime.preprocess``, say,
-which the bundle reader needs) does not import the whole runtime.
+The screening names are loaded on first use (PEP 562): the bundle reader imports ``runtime.preprocess``, and an
+eager import of ``runtime.screen`` here (which imports the bundle reader) would make that a cycle.
 """
 
 from __future__ import annotations
@@ -9,18 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Eager: these import nothing of bundle/ (and binding `preprocess` here keeps the function, not the submodule,
+# behind `from fundus_edge.runtime import preprocess`).
+from .backends import BackendSettings
+from .preprocess import PreprocessSpec, preprocess
+
 if TYPE_CHECKING:
     from ..bundle.read import Bundle, load_bundle
-    from .backends import BackendSettings
-    from .preprocess import PreprocessSpec, preprocess
     from .screen import Screener, ScreeningResult, expand_inputs, load
 
 _EXPORTS = {
-    "BackendSettings": ".backends",
     "Bundle": "..bundle.read",
     "load_bundle": "..bundle.read",
-    "PreprocessSpec": ".preprocess",
-    "preprocess": ".preprocess",
     "Screener": ".screen",
     "ScreeningResult": ".screen",
     "expand_inputs": ".screen",

@@ -258,6 +258,7 @@ def test_bundle_carries_the_spec_and_old_bundles_get_defaults(built: Any, bundle
 
 def test_check_reports_ungradable_rate_and_gradable_metrics(built: Any, synth_val: Path, tmp_path: Path) -> None:
     """A mixed validation set: the gate counts the ungradable images apart and evaluates the gradable ones."""
+    from fundus_edge.cli.check_format import format_check
     from fundus_edge.pipeline.check import run_check
 
     with synth_val.open() as fh:
@@ -277,7 +278,8 @@ def test_check_reports_ungradable_rate_and_gradable_metrics(built: Any, synth_va
         w = csv.writer(fh)
         w.writerow(("path", "label"))
         w.writerows(out_rows)
-    rep = run_check(built.out, labels)
+    result = run_check(built.out, labels)
+    rep = result.to_dict()
     q = rep["quality"]
     assert q["n"] == 60 and q["n_ungradable"] == 15 and q["ungradable_rate"] == pytest.approx(0.25)
     assert q["failed_measures"]["sharpness"] == 15 and "note" in q  # > 20 % ungradable: the report says so
@@ -293,7 +295,8 @@ def test_check_reports_ungradable_rate_and_gradable_metrics(built: Any, synth_va
         assert pol["confusion"]["tp"] == c["tp"] + q["ungradable_referable"]
         assert pol["confusion"]["fp"] == c["fp"] + q["ungradable_non_referable"]
         assert pol["confusion"]["tn"] == c["tn"] and pol["confusion"]["fn"] == c["fn"]
-    assert "ungradable" in rep["text"] and "gradable only" in rep["text"]
+    text = format_check(result)
+    assert "ungradable" in text and "gradable only" in text
     # the int8-vs-fp32 gate itself is unchanged: it still compares all images
     assert rep["evaluations"]["onnx-fp32"]["n"] == 60
 
