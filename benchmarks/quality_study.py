@@ -1,6 +1,7 @@
 """How well do the default image-quality thresholds separate good from bad photographs? (synthetic data)
 
     python benchmarks/quality_study.py [--seed 9] [--n-good 150] [--n-bad 20] [--n-other 20] [--json]
+    python benchmarks/quality_study.py --real [--json]   # real cameras (open-fundus set), see docs/quality.md
 
 Builds a synthetic quality set (good photos of three synthetic camera colour profiles, the degradations of
 ``datasets/degrade.py`` applied to other photos, procedural non-fundus pictures), JPEG-encodes every image as a
@@ -25,10 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from fundus_edge.datasets import open_fundus
 from fundus_edge.datasets.degrade import quality_set
+from fundus_edge.datasets.real_variants import blurred_dark, inscribed_crop, mask_circle, pigmented
 from fundus_edge.gate.metrics import auc
-from fundus_edge.runtime.preprocess import PreprocessSpec, preprocess
-from fundus_edge.runtime.quality import MEASURES, QualitySpec, assess, judge
+from fundus_edge.runtime.preprocess import PreprocessSpec, detect_fov, preprocess
+from fundus_edge.runtime.quality import DEFAULT_BOUNDS, MEASURES, Bounds, QualitySpec, assess, compute_measures, judge
 
 SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "data" / "fundus"
 
@@ -172,6 +175,111 @@ def timing(spec: QualitySpec, repeats: int = 200) -> dict[str, float]:
     return {"assess_ms_best": best, "assess_cpu_ms_best": best_cpu}
 
 
+# ----------------------------------------------------------------------------------- real cameras
+CAMERAS = {"idrid": "IDRiD (Kowa VX-10a)", "hrf": "HRF (Canon CR-1)", "chase_db1": "CHASE_DB1 (Nidek NM-200-D)"}
+VARIANTS = ("full", "inscribed", "pigment-0.8", "pigment-0.6", "blurred-dark")
+
+
+def _reference_fov(photo: Any, img: Image.Image) -> tuple[float, float, float]:
+    """The field of view in the photo's own pixels: HRF's expert mask, else the detector at full resolution."""
+    if photo.fov is not None:
+        mask = np.asarray(Image.open(photo.fov).convert("L")) > 127
+        return mask_circle(mask)
+    fov = detect_fov(img, PreprocessSpec(draft=False))
+    return fov.cx, fov.cy, fov.radius
+
+
+def real_variant_images(photo: Any) -> dict[str, bytes]:
+    """The variants of one real photograph that the default spec must pass (or, blurred-dark, refuse)."""
+    img = Image.open(photo.path).convert("RGB")
+    cx, cy, r = _reference_fov(photo, img)
+    return {"full": photo.path.read_bytes(), "inscribed": _jpeg(inscribed_crop(img, cx, cy, r), 92),
+            "pigment-0.8": _jpeg(pigmented(img, 0.8, 0.25), 92), "pigment-0.6": _jpeg(pigmented(img, 0.6, 0.5), 92),
+            "blurred-dark": _jpeg(blurred_dark(img), 92)}
+
+
+def real_measures(root: Path, part: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """Quality measures of every variant of every open-fundus photograph (IDRiD train+test, HRF, CHASE_DB1);
+    ``part`` (i, n): only every n-th photograph from the i-th (to run in parallel)."""
+    rows = []
+    spec = QualitySpec()
+    for photo in open_fundus.all_photos(root)[part[0]::part[1]]:
+        for variant, data in real_variant_images(photo).items():
+            pre = preprocess(data, PreprocessSpec(), quality_size=spec.size)
+            rows.append({"camera": photo.dataset, "name": photo.path.name, "variant": variant,
+                         "measures": compute_measures(pre.quality_image, pre.fov, pre.decoded_size)})
+    return rows
+
+
+def real_table(rows: list[dict[str, Any]], spec: QualitySpec) -> dict[str, dict[str, Any]]:
+    """Per camera and variant: pass rate and the measures that fail most often."""
+    out: dict[str, dict[str, Any]] = {}
+    for cam in CAMERAS:
+        for variant in VARIANTS:
+            rs = [judge(x["measures"], spec) for x in rows if x["camera"] == cam and x["variant"] == variant]
+            if rs:
+                fails = Counter(f for r in rs for f in r.failed)
+                out.setdefault(cam, {})[variant] = {"n": len(rs), "passed": float(np.mean([bool(r) for r in rs])),
+                                                    "binding": dict(fails.most_common(3))}
+    return out
+
+
+GOOD_VARIANTS = ("full", "inscribed", "pigment-0.8", "pigment-0.6")
+# Measures whose bounds real cameras reach: lower bounds loosened to `slack` x the fitted cameras' 1st
+# percentile, upper bounds to 1 / `slack` x their 99th; never tightened. Sharpness is NOT fitted: below 0.22
+# the synthetic motion blur passes (see docs/quality.md), so it stays where the synthetic study puts it.
+FIT_MIN = ("vessels", "contrast", "red_share", "brightness")
+FIT_MAX = ("noise", "hue_spread", "dark_area", "saturated")
+# The starting point of the fit: the bounds tuned on synthetic degradations before any real camera was seen,
+# with the two choices made from the synthetic sets alone: sharpness 0.22 (the lowest that still refuses every
+# synthetic motion blur) and a hue-spread floor of 0.7 degrees (a single-tint surface such as a wooden floor).
+SYNTHETIC_START = {**{k: b.to_dict() for k, b in DEFAULT_BOUNDS.items()},
+                   "red_share": {"min": 0.47}, "vessels": {"min": 0.12}, "contrast": {"min": 0.05},
+                   "brightness": {"min": 0.14, "max": 0.65}, "sharpness": {"min": 0.22},
+                   "hue_spread": {"min": 0.7, "max": 12.0}, "noise": {"max": 2.0}, "dark_area": {"max": 0.1},
+                   "saturated": {"max": 0.1}}
+
+
+def fit_bounds(rows: list[dict[str, Any]], cameras: tuple[str, ...], slack: float = 0.9) -> QualitySpec:
+    """SYNTHETIC_START with the bounds that the good variants of ``cameras`` reach loosened (FIT_MIN, FIT_MAX)."""
+    base = QualitySpec.from_dict({"measures": SYNTHETIC_START})
+    good = [x["measures"] for x in rows if x["camera"] in cameras and x["variant"] in GOOD_VARIANTS]
+    bounds = dict(base.bounds)
+    for name in FIT_MIN + FIT_MAX:
+        v = np.array([m[name] for m in good])
+        b = bounds[name]
+        if name in FIT_MIN and b.min is not None:
+            bounds[name] = Bounds(min=min(b.min, float(np.quantile(v, 0.01)) * slack), max=b.max, scale=b.scale)
+        elif name in FIT_MAX and b.max is not None:
+            bounds[name] = Bounds(min=b.min, max=max(b.max, float(np.quantile(v, 0.99)) / slack), scale=b.scale)
+    return QualitySpec(size=base.size, bounds=bounds, source=f"fitted on {', '.join(cameras)}")
+
+
+def held_out(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Fit on two cameras, judge the third: pass rate per variant of the held-out camera."""
+    out = {}
+    for cam in CAMERAS:
+        spec = fit_bounds(rows, tuple(c for c in CAMERAS if c != cam))
+        out[cam] = real_table([x for x in rows if x["camera"] == cam], spec)[cam]
+    return out
+
+
+def _real_main(spec: QualitySpec, as_json: bool) -> int:
+    rows = real_measures(open_fundus.find_root())
+    res = {"defaults": real_table(rows, spec), "held_out": held_out(rows),
+           "fitted_on_all": {k: b.to_dict() for k, b in fit_bounds(rows, tuple(CAMERAS)).bounds.items()}}
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for title, table in (("default spec", res["defaults"]), ("held out (bounds fitted on the other two)",
+                                                             res["held_out"])):
+        print(f"{title}: pass rate per camera and variant (blurred-dark must be refused), most frequent failures")
+        for cam, variants in table.items():
+            for variant, d in variants.items():
+                print(f"  {CAMERAS[cam]:<28} {variant:<13} {d['passed']:6.1%} of {d['n']:3d}  {d['binding']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=9)
@@ -179,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-bad", type=int, default=20, help="per degradation kind")
     ap.add_argument("--n-other", type=int, default=20, help="per non-fundus kind")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--real", action="store_true",
+                    help="only the real cameras: per-camera table of the open-fundus photographs and their variants, "
+                         "and the held-out fit (fit on two cameras, judge the third); a few minutes")
     args = ap.parse_args(argv)
     spec = QualitySpec()
+    if args.real:
+        return _real_main(spec, args.json)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"study": study(args.seed, args.n_good, args.n_bad, args.n_other, spec),
                            "real": real_photos(spec), "sweeps": sweeps(spec), "timing": timing(spec)}

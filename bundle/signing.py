@@ -6,12 +6,13 @@ covers the whole bundle. The signature lives next to the manifest in ``manifest.
 version, algorithm, key id, the manifest's sha256 and the signature in hex), so the manifest itself is
 unchanged and still verifiable by hash, and old runtimes ignore the extra file.
 
-Key handling (see also the README): ``fundus-edge keys generate --out DIR --name NAME`` writes ``NAME.key`` (PKCS#8 PEM, mode 0600,
-  encrypted when ``--passphrase-env VAR`` names an environment variable holding a passphrase) and
-  ``NAME.pub`` (SubjectPublicKeyInfo PEM). Existing files are never overwritten. The key id is the first 16
-  hex digits of the sha256 of the raw 32-byte public key. The private key stays on the build machine (or better, offline, used only to sign released bundles); only
-  ``.pub`` files are copied into the device's trusted-keys directory. A private key file readable by group
-  or others is refused, as ssh does. Nothing in the kit prints, logs or audits key material or passphrases: only key ids and file paths.
+Key handling (see also the README): ``fundus-edge keys generate --out DIR --name NAME`` writes ``NAME.key`` (PKCS#8
+PEM, mode 0600, encrypted when ``--passphrase-env VAR`` names an environment variable holding a passphrase) and
+``NAME.pub`` (SubjectPublicKeyInfo PEM). Existing files are never overwritten. The key id is the first 16 hex digits
+of the sha256 of the raw 32-byte public key. The private key stays on the build machine (or better, offline, used
+only to sign released bundles); only ``.pub`` files are copied into the device's trusted-keys directory. A private
+key file readable by group or others is refused, as ssh does. Nothing in the kit prints, logs or audits key material
+or passphrases: only key ids and file paths.
 
 Policy on the device (:class:`TrustPolicy`): with ``require_signature`` a bundle must carry a signature by one
 of the trusted keys and match it, else it is refused (:class:`~fundus_edge.errors.BundleSignatureError`, whose

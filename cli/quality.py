@@ -112,7 +112,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             results.append({"source": src, "ok": False, "error": {"code": exc.code, "message": str(exc)}})
             lines.append(f"{name:<28} ERROR      {exc.code}: {exc}")
             continue
-        results.append({"source": src, "ok": True, "quality": q.to_dict(), "fov": pre.fov.to_dict(),
+        results.append({"source": src, "ok": True, "quality": q.to_dict(), "fov": pre.original_fov.to_dict(),
                         "timings_ms": {**{k: round(v, 2) for k, v in pre.timings_ms.items()},
                                        "quality": round(q.timings_ms, 2)}})
         verdict = "GRADABLE" if q else "UNGRADABLE"

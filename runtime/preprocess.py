@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError, UsageError
+from .fov import FieldOfView, detect_fov
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -91,21 +92,6 @@ class PreprocessSpec:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
-class FieldOfView:
-    """The detected circular field of view, in the decoded image's pixel coordinates."""
-
-    cx: float
-    cy: float
-    radius: float
-    found: bool
-    coverage: float  # fraction of the decoded image that is retina
-    clipped: bool  # the circle runs past the image edge (common: top/bottom cut)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-
 @dataclass
 class Preprocessed:
     """The result of preprocessing one image."""
@@ -119,6 +105,18 @@ class Preprocessed:
     # The same square crop at the quality check's own size (runtime/quality.py), when it was asked for: the
     # quality thresholds must not depend on the network's input size. It is `image` itself when the sizes match.
     quality_image: Image.Image | None = None
+    transposed: bool = False  # the EXIF orientation swapped the axes of the stored picture
+
+    @property
+    def original_fov(self) -> FieldOfView:
+        """The field of view in the ORIGINAL photograph's pixel coordinates: full resolution (the JPEG draft
+        scale undone), EXIF orientation applied (the photo as a viewer shows it). ``fov`` itself is in the
+        decoded (possibly draft-reduced) frame that the crops are cut from."""
+        ow, oh = self.original_size
+        if self.transposed:
+            ow, oh = oh, ow
+        dw, dh = self.decoded_size
+        return self.fov.scaled(ow / dw, oh / dh)
 
 
 # What Pillow raises on corrupt input besides OSError: Image.open itself treats these as "not this format"
@@ -144,6 +142,13 @@ def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tupl
     Returns the image and the original (undrafted, un-rotated) size. Raises :class:`ImageError`, and only
     that, for any content of ``source``.
     """
+    img, original, _ = _decode(source, spec)
+    return img, original
+
+
+def _decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int], bool]:
+    """:func:`decode`, plus whether the EXIF orientation swapped the axes (a quarter turn or a transpose)."""
+    transposed = False
     with _pillow_guard():
         if isinstance(source, Image.Image):
             opened = source
@@ -152,6 +157,7 @@ def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tupl
             opened, original = _open(source, spec)
         try:
             img = ImageOps.exif_transpose(opened) or opened
+            transposed = img.size != opened.size
             img = _to_rgb(img)
             img.load()
         except ImageError:
@@ -167,7 +173,7 @@ def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tupl
                 opened.close()  # decoded pixels live on in `img`; release the file handle either way
     if min(img.size) < spec.min_side:
         raise ImageError("too-small", f"image is {img.size[0]}x{img.size[1]}, smaller than {spec.min_side} px")
-    return img, original
+    return img, original, transposed
 
 
 def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
@@ -229,59 +235,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError("unsupported-mode", f"cannot convert pixel mode {img.mode!r} to RGB") from exc
-
-
-def _longest_run(flags: np.ndarray) -> tuple[int, int]:
-    """Start and end (exclusive) of the longest run of True values; (0, 0) when none."""
-    if not flags.any():
-        return 0, 0
-    padded = np.concatenate(([False], flags, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    starts, ends = edges[0::2], edges[1::2]
-    i = int(np.argmax(ends - starts))
-    return int(starts[i]), int(ends[i])
-
-
-def detect_fov(img: Image.Image, spec: PreprocessSpec) -> FieldOfView:
-    """Find the circular field of view on a small proxy of ``img`` (RGB).
-
-    Robust to rectangular crops (circle cut at top/bottom), notches and burnt-in text: the extent is the
-    longest run of rows/columns that are substantially retina, so small bright marks in the border do not
-    move it.
-    """
-    w, h = img.size
-    factor = max(1, max(w, h) // spec.proxy_size)
-    proxy = img.reduce(factor) if factor > 1 else img
-    arr = np.asarray(proxy)
-    bright = arr.max(axis=2)
-    p99 = float(np.percentile(bright, 99))
-    thr = max(spec.fov_threshold * p99, 6.0)
-    mask = bright > thr
-    ph, pw = mask.shape
-    cols = mask.sum(axis=0)
-    rows = mask.sum(axis=1)
-    coverage = float(mask.mean())
-    if cols.max(initial=0) == 0 or coverage < 0.05:
-        return _fallback_fov(w, h, coverage)
-    # The widest rows straddle the circle's centre row and the tallest columns its centre column, even when
-    # the circle is cut at the top/bottom. Chords through the centre give the diameter; marks in the border
-    # (text, notches) sit off those chords and do not move the result.
-    cy = float(np.median(np.flatnonzero(rows >= 0.98 * rows.max()))) + 0.5
-    cx = float(np.median(np.flatnonzero(cols >= 0.98 * cols.max()))) + 0.5
-    x0, x1 = _longest_run(mask[min(int(cy), ph - 1)])
-    y0, y1 = _longest_run(mask[:, min(int(cx), pw - 1)])
-    dx, dy = x1 - x0, y1 - y0
-    if dx < 0.3 * pw and dy < 0.3 * ph:
-        return _fallback_fov(w, h, coverage)
-    clipped = y0 == 0 or y1 == ph or x0 == 0 or x1 == pw
-    radius = max(dx, dy) / 2.0
-    sx, sy = w / pw, h / ph
-    return FieldOfView(cx=cx * sx, cy=cy * sy, radius=radius * max(sx, sy), found=True, coverage=coverage,
-                       clipped=bool(clipped))
-
-
-def _fallback_fov(w: int, h: int, coverage: float) -> FieldOfView:
-    return FieldOfView(cx=w / 2.0, cy=h / 2.0, radius=min(w, h) / 2.0, found=False, coverage=coverage, clipped=False)
 
 
 def crop_resize(img: Image.Image, fov: FieldOfView, spec: PreprocessSpec) -> Image.Image:
@@ -357,7 +310,7 @@ def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None
     ``quality_size``: also crop the decoded image to that size for the quality check (``quality_image``).
     """
     t0 = time.perf_counter()
-    img, original = decode(source, spec)
+    img, original, transposed = _decode(source, spec)
     t1 = time.perf_counter()
     fov = detect_fov(img, spec)
     crop = crop_resize(img, fov, spec)
@@ -379,4 +332,5 @@ def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None
         decoded_size=img.size,
         timings_ms=timings,
         quality_image=quality_image,
+        transposed=transposed,
     )

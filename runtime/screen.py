@@ -32,7 +32,7 @@ class ScreeningResult:
     threshold: float | None = None
     bundle_id: str | None = None
     artifact: str | None = None
-    fov: dict[str, Any] | None = None
+    fov: dict[str, Any] | None = None  # in the original photo's pixels, EXIF orientation applied
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: dict[str, str] | None = None
     # The image-quality check (runtime/quality.py): gradable, score, failed measures, reasons, hint, measures.
@@ -105,7 +105,7 @@ class Screener:
         except ImageError as exc:
             result.error = {"code": exc.code, "message": str(exc)}
             return Prepared(result)
-        result.fov = pre.fov.to_dict()
+        result.fov = pre.original_fov.to_dict()  # the photo's own pixels (EXIF-oriented, full resolution)
         result.timings_ms = dict(pre.timings_ms)
         if check:  # an ungradable image gets no referral decision, and no inference
             q = assess(pre, self.quality)
