@@ -366,7 +366,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
                 skipped.append(f"{aid}: failed the clinical gate")
                 continue
             if runnable is not None and pref.format not in runnable:
-                skipped.append(f"{aid}: no {BACKEND_FOR_FORMAT[pref.format]} backend in this runtime")
+                skipped.append(f"{aid}: its backend ({BACKEND_FOR_FORMAT[pref.format]}) is not installed here")
                 continue
             if rank == 0:
                 reason = f"{profile.name} prefers {pref}"
@@ -388,7 +388,12 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
 
 
 def runnable_formats() -> set[str]:
-    """Artifact formats this runtime has a backend for (tflite arrives with the LiteRT backend)."""
-    from ..runtime.backends import BACKENDS_BY_FORMAT
+    """Artifact formats whose backend is installed here (found, not imported): {"tflite"} in a [litert] install."""
+    from ..runtime.backends import installed_formats
+    return installed_formats()
 
-    return set(BACKENDS_BY_FORMAT)
+
+def device_formats(profile: DeviceProfile) -> set[str]:
+    """Artifact formats the device's own install runs: those whose extra (onnx, litert) the profile installs."""
+    from ..runtime.backends import EXTRA_FOR_FORMAT
+    return {fmt for fmt, extra in EXTRA_FOR_FORMAT.items() if extra in profile.install.extras}
