@@ -366,7 +366,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
                 skipped.append(f"{aid}: failed the clinical gate")
                 continue
             if runnable is not None and pref.format not in runnable:
-                skipped.append(f"{aid}: its backend ({BACKEND_FOR_FORMAT[pref.format]}) is not installed here")
+                skipped.append(f"{aid}: no {BACKEND_FOR_FORMAT[pref.format]} backend installed here")
                 continue
             if rank == 0:
                 reason = f"{profile.name} prefers {pref}"
