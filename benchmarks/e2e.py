@@ -7,10 +7,14 @@ Pipelines (same machine, same images, runs interleaved A B C D A B C D ...):
   (b) ort-fp32 full Pillow decode + the same transforms in numpy + plain onnxruntime fp32
   (c) fe-fp32  fundus-edge runtime (draft decode, FOV crop, fused normalise) + onnxruntime fp32
   (d) fe-int8  fundus-edge runtime + onnxruntime int8 (QDQ u8/s8)
+  (e) fe-int8-noq  the same without the image-quality gate (what the gate costs)
 The model is a full-width torchvision ResNet-18 (random weights: this measures speed, not accuracy), exported
-and quantized by `fundus-edge build`. Images: synthetic fundus photographs at camera resolutions (2 each of
-2.5, 12 and 16 MP JPEG, quality 95). Cold start (process start to first result) and peak RSS (VmHWM) are
-measured in fresh child processes on a 12 MP photograph.
+and quantized by `fundus-edge build`. Images: REAL fundus photographs from the open-fundus set (HRF originals
+from `hrf/fullres/`, 3504x2336, as the camera wrote them; HRF at 1752x1168; IDRiD at 1280x850), or with
+`--synthetic` synthetic photographs at camera resolutions (2.5, 12, 16 MP). An image the quality gate calls
+ungradable is timed up to the gate (no inference, as on the device) and counted; the no-gate pipeline infers on
+every image. Cold start (process start to first result) and peak RSS (VmHWM) are measured in fresh child
+processes on the largest photograph.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 CAMERA_SIZES = {"2.5MP": (1920, 1280), "12MP": (4000, 3000), "16MP": (4608, 3456)}
+
+
+def real_images(root: str | None) -> list[str]:
+    """Full-resolution HRF originals (as the camera wrote them), then HRF and IDRiD photographs: 8 in all."""
+    from fundus_edge.datasets import open_fundus
+
+    base = open_fundus.find_root(root)
+    fullres = sorted((base / "hrf" / "fullres").glob("*.jpg"))[:4]
+    hrf = [p.path for p in open_fundus.hrf(base)][: 8 - len(fullres) - 2]
+    idrid = [p.path for p in open_fundus.idrid(base, "test")][:2]
+    return [str(p) for p in [*fullres, *hrf, *idrid]]
 
 
 def make_images(folder: Path) -> list[str]:
@@ -137,19 +152,26 @@ class PlainOrt:
 
 
 class FundusEdge:
-    """(c)/(d) the fundus-edge runtime."""
+    """(c)/(d)/(e) the fundus-edge runtime, with its image-quality gate (default) or without it."""
 
-    def __init__(self, bundle: Path, artifact: str, threads: int) -> None:
+    def __init__(self, bundle: Path, artifact: str, threads: int, quality_gate: bool = True) -> None:
         from fundus_edge.runtime import BackendSettings, load
+        from fundus_edge.runtime.quality import QualitySpec
 
-        self.name = f"fe-{artifact.split('-')[-1]}"
-        self.screener = load(bundle, artifact=artifact, settings=BackendSettings(threads=threads))
+        self.name = f"fe-{artifact.split('-')[-1]}" + ("" if quality_gate else "-noq")
+        self.screener = load(bundle, artifact=artifact, settings=BackendSettings(threads=threads),
+                             quality=None if quality_gate else QualitySpec(enabled=False))
+        self.ungradable: set[str] = set()
 
     def run(self, path: str) -> dict[str, float]:
         r = self.screener.screen(path)
         if r.error:
             raise RuntimeError(r.error)
-        return {k: v / 1e3 for k, v in r.timings_ms.items()}
+        if r.decision == "ungradable":  # stopped at the gate: no inference, as on the device
+            self.ungradable.add(Path(path).name)
+        t = {k: v / 1e3 for k, v in r.timings_ms.items()}
+        return {"decode": t.get("decode", 0.0), "preprocess": t.get("preprocess", 0.0),
+                "quality": t.get("quality", 0.0), "infer": t.get("infer", 0.0)}
 
 
 COLD_CODE = {
@@ -178,6 +200,13 @@ print(json.dumps({{"cold": first, "rss": peak_rss_mb()}}))
 }
 
 
+def _size(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return f"{im.size[0]}x{im.size[1]}"
+
+
 def peak_rss() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -198,7 +227,8 @@ def cold(kind: str, **kw: Any) -> dict[str, float]:
 def run_size(size: int, images: list[str], rounds: int, threads: int, work: Path) -> dict[str, Any]:
     bundle = build_bundle(work, size)
     pipes: list[Any] = [Naive(work / "resnet18.pt", size, threads), PlainOrt(bundle / "model.fp32.onnx", size, threads),
-                        FundusEdge(bundle, "onnx-fp32", threads), FundusEdge(bundle, "onnx-int8", threads)]
+                        FundusEdge(bundle, "onnx-fp32", threads), FundusEdge(bundle, "onnx-int8", threads),
+                        FundusEdge(bundle, "onnx-int8", threads, quality_gate=False)]
     for p in pipes:  # warm-up
         p.run(images[0])
     times: dict[str, list[dict[str, float]]] = {p.name: [] for p in pipes}
@@ -211,10 +241,14 @@ def run_size(size: int, images: list[str], rounds: int, threads: int, work: Path
         stages = {k: 1e3 * statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
         e2e = 1e3 * statistics.median(sum(r.values()) for r in runs)
         summary[name] = {"stages_ms": stages, "e2e_ms": e2e}
+    for p in pipes:
+        if isinstance(p, FundusEdge):
+            summary[p.name]["ungradable"] = sorted(p.ungradable)
+    largest = max(images, key=lambda i: Path(i).stat().st_size)
     summary["naive"].update(cold("naive", weights=str(work / "resnet18.pt"), size=size, threads=threads,
-                                 image=images[2]))
+                                 image=largest))
     for art, name in (("onnx-fp32", "fe-fp32"), ("onnx-int8", "fe-int8")):
-        summary[name].update(cold("fe", bundle=str(bundle), artifact=art, threads=threads, image=images[2]))
+        summary[name].update(cold("fe", bundle=str(bundle), artifact=art, threads=threads, image=largest))
     return summary
 
 
@@ -224,23 +258,29 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--data", help="the open-fundus folder (default: datasets.open_fundus.find_root())")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic camera-sized photographs instead")
     a = ap.parse_args()
     results: dict[str, Any] = {"machine": os.uname().machine, "cpus": os.cpu_count(), "threads": a.threads,
                                "date": time.strftime("%Y-%m-%d"), "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="fe-e2e-") as tmp:
         work = Path(tmp)
-        images = make_images(work)
-        results["images"] = [Path(i).name for i in images]
+        images = make_images(work) if a.synthetic else real_images(a.data)
+        results["images"] = [f"{Path(i).name} ({_size(i)})" for i in images]
+        print("images: " + ", ".join(results["images"]), flush=True)
         for size in a.sizes:
             print(f"== ResNet-18 @{size}, {len(images)} images x {a.rounds} rounds, {a.threads} thread(s)",
                   flush=True)
             s = run_size(size, images, a.rounds, a.threads, work)
             results["sizes"][size] = s
-            print(f"{'pipeline':<9} {'decode':>8} {'prep':>8} {'infer':>8} {'e2e':>8} {'cold s':>7} {'RSS MB':>7}")
+            print(f"{'pipeline':<12} {'decode':>8} {'prep':>8} {'quality':>8} {'infer':>8} {'e2e':>8} {'cold s':>7} "
+                  f"{'RSS MB':>7}  ungradable")
             for name, v in s.items():
                 st = v["stages_ms"]
-                print(f"{name:<9} {st.get('decode', 0):8.1f} {st.get('preprocess', 0):8.1f} {st.get('infer', 0):8.1f} "
-                      f"{v['e2e_ms']:8.1f} {v.get('cold', float('nan')):7.2f} {v.get('rss', float('nan')):7.0f}")
+                print(f"{name:<12} {st.get('decode', 0):8.1f} {st.get('preprocess', 0):8.1f} "
+                      f"{st.get('quality', 0):8.1f} {st.get('infer', 0):8.1f} {v['e2e_ms']:8.1f} "
+                      f"{v.get('cold', float('nan')):7.2f} {v.get('rss', float('nan')):7.0f}  "
+                      f"{len(v.get('ungradable', []))}")
             n, i8, f32 = s["naive"], s["fe-int8"], s["fe-fp32"]
             ratios = {
                 "e2e speed-up fe-int8 vs naive": n["e2e_ms"] / i8["e2e_ms"],
@@ -249,6 +289,7 @@ def main() -> int:
                 "int8 / fp32 inference": i8["stages_ms"]["infer"] / f32["stages_ms"]["infer"],
                 "fe-int8 (decode+prep) share of e2e": (i8["stages_ms"]["decode"] + i8["stages_ms"]["preprocess"])
                 / i8["e2e_ms"],
+                "quality gate cost: fe-int8 / fe-int8-noq e2e": i8["e2e_ms"] / s["fe-int8-noq"]["e2e_ms"],
             }
             s["ratios"] = ratios
             for k, v in ratios.items():

@@ -4,7 +4,8 @@ A bundle is a directory holding ``manifest.json`` and the files it lists. The ma
 file, its sha256 and size; for every model artifact, its format, precision and I/O layout; plus the input
 spec, the preprocessing spec, the labels and referable mapping, the locked operating point, the gate result,
 the quantization summary and the producer's versions. The runtime needs nothing else, and it refuses to load
-a bundle whose schema it does not know or whose files do not match their checksums.
+a bundle whose schema it does not know, whose manifest breaks a rule of :mod:`.manifest`, or whose files do
+not match their checksums. The manifest is typed (:class:`~fundus_edge.bundle.manifest.Manifest`).
 """
 
 from __future__ import annotations
@@ -12,95 +13,59 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, BundleIntegrityError, UsageError
+from ..errors import BundleError, BundleIntegrityError
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
+from ._files import MANIFEST, file_entry, sha256_file
+from .manifest import SCHEMA, SCHEMA_VERSION, Artifact, Manifest, OperatingPoint
+from .write import write_manifest
 
-SCHEMA = "fundus-edge/bundle"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-
-_REQUIRED = ("schema", "schema_version", "bundle_id", "model", "input", "output", "preprocessing",
-             "operating_point", "artifacts", "files", "producer")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """One model file in the bundle."""
-
-    id: str
-    path: str
-    format: str  # "onnx" | "tflite"
-    precision: str  # "fp32" | "int8"
-    layout: str  # "NCHW" | "NHWC"
-    io_dtype: str  # dtype of the model's input/output tensors: "float32" | "int8" | "uint8"
-    gate: dict[str, Any] | None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Artifact:
-        try:
-            return cls(id=d["id"], path=d["path"], format=d["format"], precision=d["precision"],
-                       layout=d.get("layout", "NCHW"), io_dtype=d.get("io_dtype", "float32"),
-                       gate=d.get("gate"))
-        except KeyError as exc:
-            raise BundleError(f"artifact entry is missing the field {exc}; rebuild the bundle") from exc
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    threshold: float
-    rule: str
-
-    def decide(self, probability: float) -> str:
-        return "refer" if probability >= self.threshold else "no-refer"
+__all__ = ["MANIFEST", "SCHEMA", "SCHEMA_VERSION", "Artifact", "Bundle", "Manifest", "OperatingPoint", "file_entry",
+           "load_bundle", "parse_manifest", "sha256_file", "verify_files", "write_manifest"]
 
 
 class Bundle:
-    """A verified bundle. Use :func:`load_bundle`; construction verifies nothing by itself."""
+    """A verified bundle. Use :func:`load_bundle`; construction verifies nothing by itself.
 
-    def __init__(self, root: Path, manifest: dict[str, Any], manifest_sha256: str) -> None:
+    ``spec`` is the typed manifest; ``manifest`` the same as JSON data (``spec.to_dict()``: a v1 bundle shows its
+    v2 form), kept for display and for code that still reads it by key.
+    """
+
+    def __init__(self, root: Path, spec: Manifest, manifest_sha256: str) -> None:
         self.root = root
-        self.manifest = manifest
+        self.spec = spec
+        self.manifest: dict[str, Any] = spec.to_dict()
         self.manifest_sha256 = manifest_sha256
-        self.preprocessing = PreprocessSpec.from_dict(manifest["preprocessing"])
-        op = manifest["operating_point"]
-        self.operating_point = OperatingPoint(threshold=float(op["threshold"]), rule=str(op.get("rule", "")))
-        self.artifacts = [Artifact.from_dict(a) for a in manifest["artifacts"]]
-        if not self.artifacts:
-            raise BundleError(f"{root}: the manifest lists no model artifacts")
+        self.artifacts: list[Artifact] = list(spec.artifacts)
         # Optional (added with the quality gate): bundles without it get the default quality spec.
-        try:
-            self.quality = QualitySpec.from_dict(manifest.get("quality") or {})
-        except UsageError as exc:
-            raise BundleError(f"{root}: the manifest's quality spec is unusable: {exc}") from exc
+        self.quality: QualitySpec = spec.quality if spec.quality is not None else QualitySpec()
+
+    @property
+    def preprocessing(self) -> PreprocessSpec:
+        return self.spec.preprocessing
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        return self.spec.operating_point
 
     @property
     def bundle_id(self) -> str:
-        return str(self.manifest["bundle_id"])
+        return self.spec.bundle_id
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["model"]["class_names"])
+        return list(self.spec.class_names)
 
     @property
     def positive_classes(self) -> list[int]:
-        return [int(i) for i in self.manifest["model"]["positive_classes"]]
+        return list(self.spec.positive_classes)
 
     @property
     def input_name(self) -> str:
-        return str(self.manifest["input"]["name"])
+        return self.spec.input.name
 
     def artifact(self, artifact_id: str | None = None, fmt: str | None = None,
                  precision: str | None = None) -> Artifact:
@@ -117,7 +82,7 @@ class Bundle:
                 f"no {fmt or 'any'}/{precision or 'any'} artifact in this bundle; "
                 f"it has {[a.id for a in self.artifacts]}"
             )
-        default = self.manifest.get("default_artifact")
+        default = self.spec.default_artifact
         for a in matches:
             if a.id == default:
                 return a
@@ -129,8 +94,31 @@ class Bundle:
         return self.root / artifact.path
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise BundleError(f"the manifest names the field {k!r} twice (JSON readers disagree on which one counts);"
+                              " rebuild the bundle with 'fundus-edge build'")
+        out[k] = v
+    return out
+
+
+def parse_manifest(raw: bytes | str, where: str = MANIFEST) -> Manifest:
+    """A typed :class:`Manifest` from the bytes of manifest.json: strict JSON (no duplicate keys), every field
+    checked; raises :class:`BundleError` (:class:`BundleIntegrityError` when it is not JSON at all)."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError as exc:
+        raise BundleError(f"{where} is nested too deeply to be a fundus-edge manifest; the bundle is damaged") \
+            from exc
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BundleIntegrityError(f"{where} is not valid JSON ({exc}); the bundle is damaged") from exc
+    return Manifest.from_dict(data)
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Read a bundle directory, check its schema, and (by default) every file's sha256 and size."""
+    """Read a bundle directory, check its manifest, and (by default) every file's sha256 and size."""
     root = Path(path)
     manifest_path = root / MANIFEST
     if not root.is_dir():
@@ -139,66 +127,29 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{root} has no {MANIFEST}; it is not a fundus-edge bundle")
     raw = manifest_path.read_bytes()
     try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise BundleIntegrityError(f"{manifest_path} is not valid JSON ({exc}); the bundle is damaged") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{manifest_path} is not a {SCHEMA} manifest")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"bundle schema version {version} is not supported by this runtime (it reads {SCHEMA_VERSION}); "
-            "rebuild the bundle with a matching fundus-edge or upgrade the runtime"
-        )
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise BundleError(f"{manifest_path} lacks required fields {missing}; rebuild the bundle")
+        spec = parse_manifest(raw, str(manifest_path))
+    except BundleError as exc:
+        raise type(exc)(f"{manifest_path}: {exc}") from exc
     if verify:
-        verify_files(root, manifest)
-    listed = manifest["files"]
-    for a in manifest["artifacts"]:
-        if a.get("path") not in listed:
-            raise BundleIntegrityError(f"artifact {a.get('id')} file {a.get('path')} is not covered by a checksum")
-        if "sha256" in a and a["sha256"] != listed[a["path"]].get("sha256"):
-            raise BundleIntegrityError(f"artifact {a.get('id')} records a sha256 that differs from the file list's "
-                                       f"for {a['path']}; the manifest was edited: do not use this bundle")
-    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
+        verify_files(root, spec)
+    return Bundle(root, spec, hashlib.sha256(raw).hexdigest())
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+def verify_files(root: Path, manifest: Manifest) -> None:
     """Raise :class:`BundleIntegrityError` naming the first file that is missing, resized or altered."""
-    files = manifest["files"]
-    if not isinstance(files, dict) or not files:
-        raise BundleIntegrityError("the manifest's file list is empty")
-    for rel, entry in files.items():
+    for rel, entry in manifest.files.items():
         p = (root / rel).resolve()
         if root.resolve() not in p.parents:
             raise BundleIntegrityError(f"manifest path {rel!r} points outside the bundle")
         if not p.is_file():
             raise BundleIntegrityError(f"bundle file {rel} is missing; copy the whole bundle directory again")
-        if p.stat().st_size != entry["bytes"]:
+        if p.stat().st_size != entry.bytes:
             raise BundleIntegrityError(
-                f"bundle file {rel} has {p.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                f"bundle file {rel} has {p.stat().st_size} bytes, the manifest says {entry.bytes}: "
                 "it was altered or truncated; do not use this bundle"
             )
-        if sha256_file(p) != entry["sha256"]:
+        if sha256_file(p) != entry.sha256:
             raise BundleIntegrityError(
                 f"bundle file {rel} does not match its sha256 in the manifest: it was altered or damaged; "
                 "do not use this bundle"
             )
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    """Fill ``files`` with the checksum of every listed file and write ``manifest.json`` atomically."""
-    manifest = dict(manifest)
-    manifest["schema"] = SCHEMA
-    manifest["schema_version"] = SCHEMA_VERSION
-    manifest["files"] = {rel: file_entry(root / rel) for rel in sorted(manifest["files"])}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, root / MANIFEST)
-    return root / MANIFEST

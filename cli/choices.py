@@ -41,7 +41,7 @@ def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> t
         profile = resolve_device(device)
         bundle = get_bundle()
         if not (artifact or fmt or args.precision):
-            artifact = choose_artifact(profile, bundle.artifacts, bundle.manifest, runnable_formats()).artifact_id
+            artifact = choose_artifact(profile, bundle.artifacts, bundle.spec, runnable_formats()).artifact_id
         settings = profile.backend_settings(threads=args.threads)
     if settings is None:
         settings = BackendSettings(threads=1 if args.threads is None else args.threads)

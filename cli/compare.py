@@ -79,7 +79,7 @@ def _versions() -> dict[str, str]:
 
 def _run_pytorch(args: argparse.Namespace, bundle: Any, x: np.ndarray, notes: list[str]) -> np.ndarray | None:
 
-    model_ref = args.model or bundle.manifest["model"].get("source")
+    model_ref = args.model or bundle.spec.model.source
     if importlib.util.find_spec("torch") is None:
         if args.model:
             raise MissingDependencyError("torch", "export", "Running the PyTorch model in compare")
@@ -91,8 +91,8 @@ def _run_pytorch(args: argparse.Namespace, bundle: Any, x: np.ndarray, notes: li
     from ..export.load import load_model
     from ..export.validate import torch_outputs
 
-    arch = args.arch or bundle.manifest["model"].get("arch")
-    loaded = load_model(str(model_ref), arch, args.num_classes or bundle.manifest["model"].get("num_outputs"))
+    arch = args.arch or bundle.spec.model.arch
+    loaded = load_model(str(model_ref), arch, args.num_classes or bundle.spec.model.num_outputs)
     return torch_outputs(loaded.module, x)
 
 

@@ -307,9 +307,9 @@ def cmd_keys_verify(args: argparse.Namespace) -> int:
 
     bundle, status = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_keys, require_signature=True))
     emit(args, {"bundle": str(args.bundle), "bundle_id": bundle.bundle_id, **status.to_dict(),
-                 "files_verified": len(bundle.manifest["files"])},
+                 "files_verified": len(bundle.spec.files)},
           f"bundle {bundle.bundle_id}: signature by key {status.key_id} verified; all "
-          f"{len(bundle.manifest['files'])} files match the signed manifest")
+          f"{len(bundle.spec.files)} files match the signed manifest")
     return 0
 
 

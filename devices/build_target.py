@@ -13,8 +13,7 @@ def device_default(device: str, artifacts: Sequence[dict[str, Any]], gates: Sequ
                    log: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
     """(default artifact id, manifest ``device`` entry) for ``device``, given the built artifacts and gates."""
     profile = get_profile(device)
-    gate_summary = {"gate": {"summary": {g.artifact: {"passed": g.passed} for g in gates}}}
-    choice = choose_artifact(profile, artifacts, gate_summary, default=default)
+    choice = choose_artifact(profile, artifacts, {g.artifact: bool(g.passed) for g in gates}, default=default)
     built = {(a["format"], a["precision"]) for a in artifacts}
     not_built = [str(p) for p in profile.runtime.artifacts if (p.format, p.precision) not in built]
     log(f"      device {profile.name}: default artifact {choice.artifact_id} ({choice.reason})"

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError, UsageError
+
+if TYPE_CHECKING:
+    from ..bundle.manifest import Manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -337,24 +340,33 @@ class ArtifactChoice:
         return asdict(self)
 
 
-def _gate_passed(manifest: dict[str, Any], artifact_id: str) -> bool:
-    summary = manifest.get("gate", {}).get("summary", {})
-    if artifact_id in summary:
-        return bool(summary[artifact_id].get("passed", False))
-    return True  # the reference artifact (the gate compares the others against it)
+def _verdicts(manifest: Manifest | Mapping[str, Any] | None) -> tuple[Mapping[str, bool], str | None]:
+    """(artifact id -> gate passed, default artifact); the reference is absent from the verdicts: it passes."""
+    from ..bundle.manifest import Manifest  # here: profiles are data, importable without numpy
+
+    if isinstance(manifest, Manifest):
+        summary = manifest.gate.summary if manifest.gate is not None else {}
+        return {aid: g.passed for aid, g in summary.items()}, manifest.default_artifact
+    if manifest and "schema" in manifest:  # transition: cli/main.py still passes the JSON form (bundle.manifest)
+        return _verdicts(Manifest.from_dict(dict(manifest)))
+    if not all(isinstance(v, bool) for v in (manifest or {}).values()):  # a partial manifest would read as "passed"
+        raise TypeError("choose_artifact takes the typed Manifest, or gate verdicts as {artifact id: passed}")
+    return dict(manifest or {}), None
 
 
-def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: dict[str, Any] | None = None,
+def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any],
+                    manifest: Manifest | Mapping[str, Any] | None = None,
                     runnable_formats: Iterable[str] | None = None, default: str | None = None) -> ArtifactChoice:
     """The first of the profile's preferences that the bundle has (gate passed, backend available here).
 
-    ``artifacts``: objects or dicts with ``id``, ``format`` and ``precision``. When no preference matches,
-    the bundle's default artifact is used and the reason says so.
+    ``artifacts``: objects or dicts with ``id``, ``format`` and ``precision``. ``manifest``: the bundle's typed
+    manifest (its gate verdicts and default artifact), or at build time the verdicts alone (artifact id -> passed).
+    When no preference matches, the default artifact is used and the reason says so.
     """
     def get(a: Any, k: str) -> str:
         return str(a[k] if isinstance(a, dict) else getattr(a, k))
 
-    manifest = manifest or {}
+    verdicts, manifest_default = _verdicts(manifest)
     runnable = set(runnable_formats) if runnable_formats is not None else None
     skipped: list[str] = []
     for rank, pref in enumerate(profile.runtime.artifacts):
@@ -362,7 +374,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
             if get(a, "format") != pref.format or get(a, "precision") != pref.precision:
                 continue
             aid = get(a, "id")
-            if not _gate_passed(manifest, aid):
+            if not verdicts.get(aid, True):
                 skipped.append(f"{aid}: failed the clinical gate")
                 continue
             if runnable is not None and pref.format not in runnable:
@@ -375,7 +387,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
                 reason = (f"{profile.name} prefers {missing}; the bundle has no usable one, so it runs {pref} "
                           f"(choice {rank + 1} of {len(profile.runtime.artifacts)})")
             return ArtifactChoice(aid, pref.format, pref.precision, reason, rank > 0, tuple(skipped))
-    default = default or manifest.get("default_artifact")
+    default = default or manifest_default
     for a in artifacts:
         if get(a, "id") == default and (runnable is None or get(a, "format") in runnable):
             return ArtifactChoice(default, get(a, "format"), get(a, "precision"),
@@ -390,10 +402,5 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any], manifest: 
 def runnable_formats() -> set[str]:
     """Artifact formats whose backend is installed here (found, not imported): {"tflite"} in a [litert] install."""
     from ..runtime.backends import installed_formats
+
     return installed_formats()
-
-
-def device_formats(profile: DeviceProfile) -> set[str]:
-    """Artifact formats the device's own install runs: those whose extra (onnx, litert) the profile installs."""
-    from ..runtime.backends import EXTRA_FOR_FORMAT
-    return {fmt for fmt, extra in EXTRA_FOR_FORMAT.items() if extra in profile.install.extras}

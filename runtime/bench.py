@@ -210,9 +210,9 @@ def bundle_macs(bundle: Bundle) -> tuple[int | None, str]:
     field, the MACs of a .tflite artifact counted from the file by the LiteRT interpreter when it is installed
     (the runtime has no onnx package to read an ONNX graph); otherwise None.
     """
-    compute = bundle.manifest.get("compute") or {}
-    if isinstance(compute.get("macs"), int) and compute["macs"] > 0:
-        return int(compute["macs"]), f"manifest, counted on {compute.get('counted_on', 'the fp32 model')}"
+    compute = bundle.spec.compute
+    if compute is not None and compute.macs > 0:
+        return compute.macs, f"manifest, counted on {compute.counted_on}"
     for art in bundle.artifacts:
         if art.format != "tflite":
             continue

@@ -213,11 +213,6 @@ def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, f
     return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers, artifact_note=note)
 
 
-def _gate_passed(b: Bundle, artifact_id: str) -> bool:
-    summary = (b.manifest.get("gate") or {}).get("summary") or {}
-    return bool(summary.get(artifact_id, {"passed": True}).get("passed", False))
-
-
 def pick_artifact(b: Bundle, artifact: str | None = None, fmt: str | None = None,
                   precision: str | None = None) -> tuple[Artifact, str | None]:
     """The artifact to screen with, and a note when it is not the one the bundle would pick.
@@ -231,7 +226,7 @@ def pick_artifact(b: Bundle, artifact: str | None = None, fmt: str | None = None
     if artifact or art.format in here:
         return art, None
     usable = [a for a in b.artifacts if a.format in here and (fmt is None or a.format == fmt)
-              and (precision is None or a.precision == precision) and _gate_passed(b, a.id)]
+              and (precision is None or a.precision == precision) and b.spec.gate_passed(a.id)]
     if not usable:
         return art, None
     alt = next((a for a in usable if a.precision == art.precision), usable[0])

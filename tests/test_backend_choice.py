@@ -17,10 +17,10 @@ import pytest
 from fundus_edge.bundle.read import Bundle
 from fundus_edge.devices import doctor as doctor_mod
 from fundus_edge.devices.doctor import Check, run_doctor
-from fundus_edge.devices.profile import choose_artifact, device_formats, get_profile, runnable_formats
+from fundus_edge.devices.package import device_formats
+from fundus_edge.devices.profile import choose_artifact, get_profile, runnable_formats
 from fundus_edge.errors import MissingDependencyError
 from fundus_edge.runtime import backends
-from fundus_edge.runtime.preprocess import PreprocessSpec
 from fundus_edge.runtime.screen import pick_artifact
 
 ONNX_ONLY = {"onnxruntime"}
@@ -33,14 +33,20 @@ def simulate(monkeypatch: pytest.MonkeyPatch, installed: set[str]) -> None:
 
 
 def fake_bundle(default: str = "onnx-int8", failed: tuple[str, ...] = ()) -> Bundle:
-    arts = [{"id": f"{f}-{p}", "path": f"{f}-{p}.{f}", "format": f, "precision": p,
-             "layout": "NCHW" if f == "onnx" else "NHWC"} for f in ("onnx", "tflite") for p in ("fp32", "int8")]
-    manifest: dict[str, Any] = {
-        "bundle_id": "test", "default_artifact": default, "artifacts": arts,
-        "preprocessing": PreprocessSpec().to_dict(), "operating_point": {"threshold": 0.5, "rule": "youden"},
-        "gate": {"summary": {a: {"passed": a not in failed} for a in ("onnx-int8", "tflite-int8", "tflite-fp32")}},
-    }
-    return Bundle(Path("/nonexistent"), manifest, "0" * 64)
+    """The v1 fixture bundle's manifest with TFLite twins of its two ONNX artifacts (no files are read)."""
+    from fundus_edge.bundle.manifest import Manifest
+
+    m = json.loads((Path(__file__).parent / "data" / "bundles" / "v1" / "manifest.json").read_text())
+    for a in list(m["artifacts"]):
+        twin = {**a, "id": a["id"].replace("onnx", "tflite"), "path": a["path"].replace(".onnx", ".tflite"),
+                "format": "tflite", "layout": "NHWC"}
+        twin.pop("sha256", None)
+        m["artifacts"].append(twin)
+        m["files"][twin["path"]] = m["files"][a["path"]]
+    m["default_artifact"] = default
+    for aid in ("onnx-int8", "tflite-int8", "tflite-fp32"):
+        m["gate"]["summary"][aid] = {**m["gate"]["summary"]["onnx-int8"], "passed": aid not in failed}
+    return Bundle(Path("/nonexistent"), Manifest.from_dict(m), "0" * 64)
 
 
 def test_runnable_formats_are_what_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,9 +93,9 @@ def test_device_auto_choice_follows_the_install(monkeypatch: pytest.MonkeyPatch)
     b = fake_bundle()
     generic = get_profile("generic-aarch64")  # prefers onnx/int8, then tflite/int8
     simulate(monkeypatch, LITERT_ONLY)
-    assert choose_artifact(generic, b.artifacts, b.manifest, runnable_formats()).artifact_id == "tflite-int8"
+    assert choose_artifact(generic, b.artifacts, b.spec, runnable_formats()).artifact_id == "tflite-int8"
     simulate(monkeypatch, ONNX_ONLY)
-    assert choose_artifact(get_profile("rpi4"), b.artifacts, b.manifest, runnable_formats()).artifact_id \
+    assert choose_artifact(get_profile("rpi4"), b.artifacts, b.spec, runnable_formats()).artifact_id \
         == "onnx-int8"
     # a device package installs the profile's extras: the build machine's install does not matter
     simulate(monkeypatch, set())

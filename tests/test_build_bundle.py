@@ -20,7 +20,7 @@ from fundus_edge.runtime import load, load_bundle
 def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None:
     assert built.gate_passed
     m = built.manifest
-    assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 1
+    assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 2 and m["task"] == "classification"
     ids = {a["id"]: a for a in m["artifacts"]}
     assert set(ids) == {"onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"}  # build makes both formats
     assert m["default_artifact"] == "onnx-int8"
@@ -28,7 +28,8 @@ def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None
         assert sha256_file(built.out / rel) == entry["sha256"]
     assert {"report.json", "report.md", "model.fp32.onnx", "model.int8.onnx"} <= set(m["files"])
     assert m["preprocessing"]["size"] == 224
-    assert m["model"]["positive_classes"] == [1]
+    assert m["output"]["meaning"]["positive_classes"] == [1]
+    assert m["output"]["meaning"]["class_names"] == ["no-referable", "referable"]
     assert 0.0 < m["operating_point"]["threshold"] < 1.0
     assert m["operating_point"]["sensitivity"] >= 0.90
     assert m["producer"]["torch"] and m["producer"]["onnxruntime"]
@@ -97,7 +98,7 @@ def test_manifest_tampering_and_schema(bundle_copy: Path) -> None:
     mpath.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema version 99"):
         load_bundle(bundle_copy)
-    m["schema_version"] = 1
+    m["schema_version"] = 2
     m["files"]["model.fp32.onnx"]["sha256"] = "0" * 64
     mpath.write_text(json.dumps(m))
     with pytest.raises(BundleIntegrityError, match=r"model\.fp32\.onnx"):

@@ -134,8 +134,7 @@ def test_choose_artifact_degrades_and_respects_the_gate() -> None:
     rpi4 = get_profile("rpi4")
     c = choose_artifact(rpi4, ONNX_ONLY)
     assert c.artifact_id == "onnx-int8" and c.degraded and "tflite/int8" in c.reason
-    failed = {"gate": {"summary": {"onnx-int8": {"passed": False}}}}
-    c = choose_artifact(rpi4, ONNX_ONLY, failed)
+    c = choose_artifact(rpi4, ONNX_ONLY, {"onnx-int8": False})  # gate verdicts: artifact id -> passed
     assert c.artifact_id == "onnx-fp32" and any("failed the clinical gate" in s for s in c.skipped)
     # tflite artifacts present but no LiteRT backend in this runtime: ONNX
     c = choose_artifact(rpi4, ALL_FOUR, runnable_formats={"onnx"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,17 @@ _LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended
 
 
 def import_onnxruntime() -> Any:
+    """onnxruntime with its telemetry off (the package's ``__init__`` already set the variables that keep it from
+    starting; ``disable_telemetry_events`` also stops the platform events where the build has them)."""
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    os.environ["ORT_TELEMETRY_DISABLED"] = "1"
     try:
         import onnxruntime
     except ImportError as exc:
         raise MissingDependencyError("onnxruntime", "onnx", "The ONNX backend") from exc
+    disable = getattr(onnxruntime, "disable_telemetry_events", None)
+    if callable(disable):
+        disable()
     return onnxruntime
 
 
