@@ -21,9 +21,17 @@ def install_extra(env_dir: Path, extra: str) -> Path:
     return env_dir
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without PYTHONPATH: the venv must run the fundus-edge it installed, not a checkout."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def run_cli(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The venv's own ``fundus-edge`` console script."""
-    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True)
+    return subprocess.run([str(env_dir / "bin" / "fundus-edge"), *args], capture_output=True, text=True,
+                          env=clean_env())
 
 
 def build_wheel(dest: Path) -> Path:
