@@ -156,6 +156,8 @@ def _fallback(plt: Any, name: str, steps: list[dict[str, Any]]) -> bytes:
     ax2 = ax.twinx()
     ax2.plot(x, [100 * s["int8_mac_fraction"] for s in steps], "s--", color="gray", label="int8 MACs")
     ax2.set_ylabel("int8 share of MACs (%)")
+    ax.legend(ax.get_lines() + ax2.get_lines(), ["decision flips (left)", "int8 MACs, % (right)"], fontsize=8,
+              loc="upper right")
     ax.set_title(f"Accuracy-aware fallback ({name})", fontsize=10)
     return _png(fig)
 
