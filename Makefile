@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean emulation-tools
+.PHONY: demo test lint typecheck check clean emulation-tools wheel
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 
+# The installable wheel in dist/ (built from a clean copy of the tree, so no stale build/ leaks in): device
+# profiles, templates, deploy/ files and the manifest schema; not the torch training weights (see pyproject.toml).
+wheel: $(STAMP)
+	rm -rf dist/fundus_edge-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	rm -rf build
+	@ls -l dist/fundus_edge-*.whl
+
 clean:
-	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-out dist build .pytest_cache .mypy_cache .ruff_cache

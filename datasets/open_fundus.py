@@ -25,6 +25,9 @@ ENV_VAR = "FUNDUS_EDGE_OPEN_FUNDUS"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SUBSET = PACKAGE_ROOT / "tests" / "data" / "open-fundus"
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"  # CC0 photographs (HRF healthy eyes, scikit-image retina)
+# Where the sample photographs come from, for commands that default to them in an install that has none (a wheel).
+SAMPLES_HELP = ("the CC0 sample photographs (tests/data/fundus) come with a source checkout or the sdist, not "
+                "with the installed wheel: give image files or folders instead")
 HRF_DIAGNOSES = {"h": "healthy", "dr": "diabetic retinopathy", "g": "glaucoma"}
 
 
@@ -102,3 +105,11 @@ def chase_db1(root: Path, observer: int = 1) -> list[Photo]:
 def all_photos(root: Path) -> list[Photo]:
     """Every photograph of the three sets (IDRiD train + test, HRF, CHASE_DB1)."""
     return idrid(root, "train") + idrid(root, "test") + hrf(root) + chase_db1(root)
+
+
+def sample_photos() -> list[Path]:
+    """The CC0 sample photographs (sorted); a DataError that says where they come from when this install has none."""
+    found = sorted(p for p in SAMPLES.glob("*.jpg")) if SAMPLES.is_dir() else []
+    if not found:
+        raise DataError(f"no sample photographs at {SAMPLES}: {SAMPLES_HELP}")
+    return found

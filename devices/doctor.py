@@ -188,6 +188,20 @@ def _system(evidence: dict[str, Any]) -> dict[str, Any]:
             "mem_total_mb": evidence.get("mem_total_mb")}
 
 
+def _broken_backends(by: dict[str, Check]) -> list[str]:
+    """Backends that are installed (so the runtime would choose their artifacts) but do not import."""
+    from ..runtime.backends import package_installed
+
+    out = []
+    for fmt, names in FORMAT_CHECKS.items():
+        for what in names:
+            module = next(name for w, name, _, _ in CHECKS if w == what)
+            if not by[what].ok and package_installed(module.split(".")[0]):
+                out.append(f"{what} is installed but does not import ({by[what].error}): screening would choose "
+                           f"{fmt} artifacts and fail; reinstall it (pip install --force-reinstall) or uninstall it")
+    return out
+
+
 def run_doctor(device: str | None = None, root: Path = Path("/"), in_process: bool = False) -> DoctorReport:
     detection = detect(root)
     profile = get_profile(device) if device else detection.profile
@@ -203,6 +217,7 @@ def run_doctor(device: str | None = None, root: Path = Path("/"), in_process: bo
             rep.problems.append(f"{core} does not import ({by[core].error})")
     formats_here = runnable_formats()
     system["runtime_formats"] = sorted(formats_here)
+    rep.problems += _broken_backends(by)
     usable = [pref for pref in profile.runtime.artifacts
               if pref.format in formats_here and any(by[c].ok for c in FORMAT_CHECKS[pref.format])]
     if not usable:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.read import Bundle, load_bundle
-from ..errors import DeviceFitError, EmulationError, ParityError, UsageError
+from ..errors import DeviceFitError, EmulationError, MissingDependencyError, ParityError, UsageError
+from ..runtime.backends import EXTRA_FOR_FORMAT, install_hint
 from .caps import CapPlan, WorkerRun, native_prefix, plan_caps, run_worker
 from .parity import Parity, output_lsb, parity
-from .profile import DeviceProfile, runnable_formats
+from .profile import BACKEND_FOR_FORMAT, DeviceProfile, runnable_formats
 
 Log = Callable[[str], None]
 
@@ -220,16 +221,15 @@ def run_emulate(cfg: EmulateConfig, log: Log | None = None) -> EmulateReport:
     if not cfg.images:
         raise UsageError("give at least one image (file or directory) to screen")
     bundle = load_bundle(cfg.bundle)
-    artifacts = select_artifacts(bundle, cfg.artifacts, cfg.fmt, cfg.precision)
+    selected = select_artifacts(bundle, cfg.artifacts, cfg.fmt, cfg.precision)
     here = runnable_formats()
-    notes = []
-    for aid in list(artifacts):
-        fmt = bundle.artifact(aid).format
-        if fmt not in here:
-            artifacts.remove(aid)
-            notes.append(f"{aid} skipped: this runtime has no backend for {fmt!r} artifacts")
+    artifacts = [aid for aid in selected if bundle.artifact(aid).format in here]
+    notes = [f"{aid} skipped: its backend ({BACKEND_FOR_FORMAT[fmt]}) is not installed here; {install_hint(fmt)}"
+             for aid in selected if (fmt := bundle.artifact(aid).format) not in here]
     if not artifacts:
-        raise UsageError("none of the selected artifacts can run with this runtime's backends; " + "; ".join(notes))
+        fmt = bundle.artifact(selected[0]).format
+        raise MissingDependencyError(BACKEND_FOR_FORMAT[fmt], EXTRA_FOR_FORMAT[fmt],
+                                     f"Running the selected artifacts ({'; '.join(notes)})")
     p = cfg.profile
     ram = cfg.ram_mb if cfg.ram_mb is not None else min(p.memory.ram_mb)
     if ram <= p.memory.reserved_mb:

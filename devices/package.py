@@ -39,7 +39,7 @@ from ..bundle.read import load_bundle, sha256_file
 from ..errors import DeviceError, EmulationError, MissingToolError, UsageError
 from .config import read_device_table, render_device_config
 from .emuroot import GUEST_PYTHON, manylinux_platforms
-from .profile import ArtifactChoice, DeviceProfile, choose_artifact, runnable_formats
+from .profile import ArtifactChoice, DeviceProfile, choose_artifact
 
 Log = Callable[[str], None]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -65,6 +65,13 @@ class PackageResult:
                 "artifact": self.choice.to_dict(), "wheels": self.wheels, "megabytes": round(self.bytes / 2**20, 1),
                 "wheelhouse_megabytes": round(self.wheelhouse_bytes / 2**20, 1), "seconds": round(self.seconds, 1),
                 "notes": self.notes}
+
+
+def device_formats(profile: DeviceProfile) -> set[str]:
+    """Artifact formats the device's own install runs: those whose extra (onnx, litert) the profile installs."""
+    from ..runtime.backends import EXTRA_FOR_FORMAT
+
+    return {fmt for fmt, extra in EXTRA_FOR_FORMAT.items() if extra in profile.install.extras}
 
 
 def _pip(args: list[str], what: str) -> None:
@@ -237,7 +244,8 @@ def build_package(profile: DeviceProfile, bundle_dir: Path, out: Path, unit_file
     if not unit.is_file():
         raise UsageError(f"--unit-file {unit} does not exist")
     bundle = load_bundle(bundle_dir)
-    choice = choose_artifact(profile, bundle.artifacts, bundle.spec, runnable_formats())
+    # the package installs the profile's extras on the device: what this (build) machine has does not matter
+    choice = choose_artifact(profile, bundle.artifacts, bundle.spec, device_formats(profile))
     keys = sorted(Path(trusted_keys).glob("*.pub")) if trusted_keys else []
     if trusted_keys and (not keys or any(Path(trusted_keys).glob("*.key"))):
         raise UsageError(f"--trusted-keys {trusted_keys} must hold public keys (.pub) and no private key (.key)")

@@ -378,7 +378,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any],
                 skipped.append(f"{aid}: failed the clinical gate")
                 continue
             if runnable is not None and pref.format not in runnable:
-                skipped.append(f"{aid}: no {BACKEND_FOR_FORMAT[pref.format]} backend in this runtime")
+                skipped.append(f"{aid}: no {BACKEND_FOR_FORMAT[pref.format]} backend installed here")
                 continue
             if rank == 0:
                 reason = f"{profile.name} prefers {pref}"
@@ -400,7 +400,7 @@ def choose_artifact(profile: DeviceProfile, artifacts: Sequence[Any],
 
 
 def runnable_formats() -> set[str]:
-    """Artifact formats this runtime has a backend for (tflite arrives with the LiteRT backend)."""
-    from ..runtime.backends import BACKENDS_BY_FORMAT
+    """Artifact formats whose backend is installed here (found, not imported): {"tflite"} in a [litert] install."""
+    from ..runtime.backends import installed_formats
 
-    return set(BACKENDS_BY_FORMAT)
+    return installed_formats()

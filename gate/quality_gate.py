@@ -16,6 +16,7 @@ import numpy as np
 
 from .gate import GateCriteria, evaluate
 from .metrics import confusion, sensitivity_specificity
+from .report_blocks import Block, Para, Section, Table, fmt
 
 HIGH_UNGRADABLE_RATE = 0.2
 
@@ -100,27 +101,24 @@ def manifest_summary(q: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_quality_markdown(q: Mapping[str, Any] | None) -> list[str]:
-    """The report.md section (empty when the report has no quality block)."""
+def quality_section(q: Mapping[str, Any] | None) -> Section | None:
+    """The report's image-quality section (None when the report has no quality block)."""
     if not q:
-        return []
-
-    def f(v: Any) -> str:
-        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-    lines = ["## Image quality (gradable images)", "",
-             f"Ungradable: {q['n_ungradable']} of {q['n']} validation images ({q['ungradable_rate']:.1%}; "
-             f"{q['ungradable_referable']} referable, {q['ungradable_non_referable']} not), quality spec: "
-             f"{q['spec_source']}. Gradable-only numbers at the gate's threshold {q['threshold']:.4f}."]
+        return None
+    blocks: list[Block] = [Para(
+        f"Ungradable: {q['n_ungradable']} of {q['n']} validation images ({q['ungradable_rate']:.1%}; "
+        f"{q['ungradable_referable']} referable, {q['ungradable_non_referable']} not); quality spec: "
+        f"{q['spec_source']}. Gradable-only numbers are at the gate's threshold {q['threshold']:.4f}.")]
     if q["failed_measures"]:
-        lines.append("Failed measures: " + ", ".join(f"{k} {v}" for k, v in q["failed_measures"].items()) + ".")
+        blocks.append(Para("Failed measures: " + ", ".join(f"{k} {v}" for k, v in q["failed_measures"].items())
+                           + "."))
     if q.get("note"):
-        lines.append(f"**Note:** {q['note']}.")
-    lines += ["", "| artifact | gradable n | AUC | sensitivity | specificity | ungradable = refer: sensitivity | "
-              "specificity |", "|---|---|---|---|---|---|---|"]
+        blocks.append(Para(f"Note: {q['note']}.", "warning"))
+    rows = []
     for name, e in q["gradable"].items():
         pol = q["ungradable_as_refer"][name]
-        lines.append(f"| {name} | {e.get('n')} | {f(e.get('auc'))} | {f(e.get('sensitivity'))} | "
-                     f"{f(e.get('specificity'))} | {f(pol['sensitivity'])} | {f(pol['specificity'])} |")
-    lines.append("")
-    return lines
+        rows.append((name, fmt(e.get("n")), fmt(e.get("auc")), fmt(e.get("sensitivity")), fmt(e.get("specificity")),
+                     fmt(pol["sensitivity"]), fmt(pol["specificity"])))
+    blocks.append(Table(("artifact", "gradable n", "AUC", "sensitivity", "specificity",
+                         "sensitivity if ungradable = refer", "specificity if ungradable = refer"), rows))
+    return Section("Image quality (gradable images)", blocks)

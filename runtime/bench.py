@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle.read import Bundle, load_bundle
-from .backends import BackendSettings
+from ..errors import MissingDependencyError
+from .backends import BACKENDS_BY_FORMAT, EXTRA_FOR_FORMAT, BackendSettings, install_hint, installed_formats
 
 STAGES = ("decode", "preprocess", "quality", "infer", "postprocess")
 
@@ -161,11 +162,38 @@ def cold_start(bundle_path: Path, artifact_id: str, image: str, threads: int) ->
     return elapsed, out["rss"]
 
 
+class BenchRows(list[BenchRow]):
+    """The rows of a benchmark, plus the artifacts it left out (``skipped``: one sentence each)."""
+
+    def __init__(self, rows: list[BenchRow] | None = None, skipped: list[str] | None = None) -> None:
+        super().__init__(rows or [])
+        self.skipped: list[str] = list(skipped or [])
+
+
+def runnable_artifacts(bundle: Bundle, artifacts: list[str] | None) -> tuple[list[str], list[str]]:
+    """The artifact ids to benchmark and a note per artifact left out because its backend is not installed here.
+
+    Ids given explicitly are all kept (a missing backend then fails with what to install); by default every
+    artifact whose backend is installed. No artifact at all that can run is a MissingDependencyError."""
+    if artifacts:
+        return list(artifacts), []
+    here = installed_formats()
+    ids = [a.id for a in bundle.artifacts if a.format in here]
+    skipped = [f"{a.id} not benchmarked: its backend ({BACKENDS_BY_FORMAT[a.format]}) is not installed here; "
+               f"{install_hint(a.format)}" for a in bundle.artifacts if a.format not in here]
+    if not ids:
+        fmt = bundle.artifacts[0].format
+        raise MissingDependencyError(BACKENDS_BY_FORMAT[fmt], EXTRA_FOR_FORMAT[fmt],
+                                     f"Benchmarking this bundle ({', '.join(a.id for a in bundle.artifacts)})")
+    return ids, skipped
+
+
 def run_bench(bundle_path: str | os.PathLike[str], images: list[str], settings: BackendSettings,
-              artifacts: list[str] | None = None, repeats: int = 3, cold: bool = True) -> list[BenchRow]:
+              artifacts: list[str] | None = None, repeats: int = 3, cold: bool = True) -> BenchRows:
+    """One row per artifact (default: every artifact whose backend is installed here; the rest in ``.skipped``)."""
     bundle = load_bundle(bundle_path)
-    ids = artifacts or [a.id for a in bundle.artifacts]
-    rows = []
+    ids, skipped = runnable_artifacts(bundle, artifacts)
+    rows = BenchRows(skipped=skipped)
     for artifact_id in ids:
         row = bench_artifact(bundle, artifact_id, images, settings, repeats=repeats)
         if cold:
@@ -223,4 +251,5 @@ def format_table(rows: list[BenchRow]) -> str:
                          f"(p50 {q['e2e_p50_with_ms']:.2f} ms with, {q['e2e_p50_without_ms']:.2f} ms without; process "
                          f"CPU time {q['cpu_overhead']:+.1%}; side by side over {q['n_gradable_runs']} gradable runs)")
         lines += [f"{r.artifact}: {note}" for note in r.notes]
+    lines += list(getattr(rows, "skipped", []))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..bundle.read import Artifact, Bundle, load_bundle
 from ..errors import ImageError, UsageError
-from .backends import Backend, BackendSettings, create_backend
+from .backends import BACKENDS_BY_FORMAT, Backend, BackendSettings, create_backend, installed_formats
 from .postprocess import referable_probability
 from .preprocess import preprocess
 from .quality import QualitySpec, assess
@@ -70,8 +70,11 @@ class Screener:
     """
 
     def __init__(self, bundle: Bundle, artifact: Artifact, backend: Backend,
-                 quality: QualitySpec | None = None, reuse_buffers: bool = True) -> None:
+                 quality: QualitySpec | None = None, reuse_buffers: bool = True, artifact_note: str | None = None
+                 ) -> None:
         self.bundle = bundle
+        # why another artifact than the bundle's default runs (its backend is not installed here), or None
+        self.artifact_note = artifact_note
         self.artifact = artifact
         self.backend = backend
         self.quality = quality if quality is not None else bundle.quality
@@ -204,10 +207,32 @@ def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, f
     ``quality``: replaces the bundle's quality spec (e.g. to measure without the gate: ``enabled=False``).
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    art = b.artifact(artifact, fmt=fmt, precision=precision)
+    art, note = pick_artifact(b, artifact, fmt, precision)
     backend = create_backend(art.format, b.path(art), settings)
     backend.activate()
-    return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers)
+    return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers, artifact_note=note)
+
+
+def pick_artifact(b: Bundle, artifact: str | None = None, fmt: str | None = None,
+                  precision: str | None = None) -> tuple[Artifact, str | None]:
+    """The artifact to screen with, and a note when it is not the one the bundle would pick.
+
+    An artifact named by id is used as given. Otherwise, when the backend of the bundle's choice is not installed
+    here (a ``[litert]``-only install and an ONNX default), another artifact that matches ``fmt``/``precision``,
+    passed the gate and whose backend is installed is used instead (the same precision first). When there is
+    none, the bundle's choice stays and its backend says what to install."""
+    art = b.artifact(artifact, fmt=fmt, precision=precision)
+    here = installed_formats()
+    if artifact or art.format in here:
+        return art, None
+    usable = [a for a in b.artifacts if a.format in here and (fmt is None or a.format == fmt)
+              and (precision is None or a.precision == precision) and b.spec.gate_passed(a.id)]
+    if not usable:
+        return art, None
+    alt = next((a for a in usable if a.precision == art.precision), usable[0])
+    which = "default artifact" if not (fmt or precision) else "choice"
+    return alt, (f"the bundle's {which} {art.id} needs {BACKENDS_BY_FORMAT[art.format]}, which is not "
+                 f"installed here; screening with {alt.id} ({BACKENDS_BY_FORMAT[alt.format]}) instead")
 
 
 def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:

@@ -90,3 +90,17 @@ def test_runtime_venv_quality_and_calibration(runtime_venv: Path, real_photos: l
     sharp = next(m for m in doc["measures"] if m["name"] == "sharpness")
     assert sharp["auc"] == 1.0 and doc["calibrated"]["bad_rejected"] == 1.0
     assert json.loads(out.read_text())["measures"]["sharpness"]["min"] is not None
+
+
+def test_runtime_venv_bench_and_emulate_skip_tflite(runtime_venv: Path, built: Any, real_photos: list[Path]) -> None:
+    """An [onnx]-only install benchmarks and emulates the ONNX files and says why the TFLite ones are left out."""
+    r = run_cli(runtime_venv, "bench", "--bundle", str(built.out), str(real_photos[0]), "--repeats", "1",
+                "--no-cold-start", "--project")
+    assert r.returncode == 0, r.stderr
+    assert "tflite-int8 not benchmarked" in r.stdout and "fundus-edge[litert]" in r.stdout
+    r = run_cli(runtime_venv, "emulate", "--device", "rpi4", "--arch", "native", "--memory-cap", "rlimit",
+                "--precision", "int8", "--bundle", str(built.out), str(real_photos[0]), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["artifacts"] == ["onnx-int8"]
+    assert any("tflite-int8 skipped" in n for n in doc["notes"])

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from device_venv import install_extra, run_cli
+from device_venv import build_wheel, install_wheel_extra, run_cli
 
 
 @pytest.fixture(scope="module")
 def litert_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_extra(tmp_path_factory.mktemp("litert-venv"), "litert")
+    """From the wheel the project builds (`make wheel`); the onnx venv of test_runtime_venv installs the checkout."""
+    wheel = build_wheel(tmp_path_factory.mktemp("wheel"))
+    return install_wheel_extra(tmp_path_factory.mktemp("litert-venv"), wheel, "litert")
 
 
 def test_litert_venv_has_neither_torch_nor_onnxruntime(litert_venv: Path) -> None:
@@ -42,6 +44,25 @@ def test_litert_venv_screens_like_the_toolchain(litert_venv: Path, built: Any, r
     # the ONNX artifacts cannot run here: a clear error, not a crash
     r2 = run_cli(litert_venv, "screen", "--bundle", str(built.out), "--backend", "onnxruntime", str(real_photos[0]))
     assert r2.returncode == 3 and "pip install 'fundus-edge[onnx]'" in r2.stderr
+
+
+def test_litert_venv_chooses_what_it_can_run(litert_venv: Path, built: Any, real_photos: list[Path]) -> None:
+    """No --backend: the default artifact (onnx-int8) cannot run here, so screen runs tflite-int8 and says so;
+    doctor's "it will run tflite/int8" holds for `screen --device auto`, and bench measures the TFLite files."""
+    r = run_cli(litert_venv, "screen", "--bundle", str(built.out), str(real_photos[0]), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["artifact"] == "tflite-int8"
+    r = run_cli(litert_venv, "doctor", "--device", "generic-aarch64", "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["system"]["runtime_formats"] == ["tflite"], r.stdout + r.stderr
+    assert any("it will run tflite/int8" in a for a in doc["advice"])
+    r = run_cli(litert_venv, "screen", "--device", "generic-aarch64", "--bundle", str(built.out),
+                str(real_photos[0]), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["artifact"] == "tflite-int8", r.stderr
+    r = run_cli(litert_venv, "bench", "--bundle", str(built.out), str(real_photos[0]), "--repeats", "1",
+                "--no-cold-start", "--project")
+    assert r.returncode == 0, r.stderr
+    assert "onnx-int8 not benchmarked" in r.stdout and "tflite-int8" in r.stdout
 
 
 def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any, synth_val: Path) -> None:
