@@ -36,7 +36,7 @@ def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> t
         device = profile_from_device_config(args.device_config)
     if device:  # the device profile picks the artifact (unless given) and the backend settings
         from ..devices import resolve_device
-        from ..devices.profile import choose_artifact, runnable_formats
+        from ..devices.choice import choose_artifact, runnable_formats
 
         profile = resolve_device(device)
         bundle = get_bundle()

@@ -5,8 +5,9 @@ Torch-free like the runtime: nothing here imports torch, onnx or a converter.
 
 from __future__ import annotations
 
+from .choice import ArtifactChoice, choose_artifact
 from .detect import Detection, detect
-from .profile import ArtifactChoice, ArtifactPreference, DeviceProfile, choose_artifact, get_profile, list_profiles
+from .profile import ArtifactPreference, DeviceProfile, get_profile, list_profiles
 
 
 def resolve_device(name: str) -> DeviceProfile:

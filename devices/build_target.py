@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .profile import choose_artifact, get_profile
+from .choice import choose_artifact
+from .profile import get_profile
 
 
 def device_default(device: str, artifacts: Sequence[dict[str, Any]], gates: Sequence[Any], default: str,

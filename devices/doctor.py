@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .choice import runnable_formats
 from .detect import Detection, detect
-from .profile import BACKEND_FOR_FORMAT, DeviceProfile, get_profile, runnable_formats
+from .profile import BACKEND_FOR_FORMAT, DeviceProfile, get_profile
 
 # (what, import name, distribution, code that prints extra detail)
 CHECKS: tuple[tuple[str, str, str, str], ...] = (

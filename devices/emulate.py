@@ -21,8 +21,9 @@ from ..bundle.read import Bundle, load_bundle
 from ..errors import DeviceFitError, EmulationError, MissingDependencyError, ParityError, UsageError
 from ..runtime.backends import EXTRA_FOR_FORMAT, install_hint
 from .caps import CapPlan, WorkerRun, native_prefix, plan_caps, run_worker
+from .choice import runnable_formats
 from .parity import Parity, output_lsb, parity
-from .profile import BACKEND_FOR_FORMAT, DeviceProfile, runnable_formats
+from .profile import BACKEND_FOR_FORMAT, DeviceProfile
 
 Log = Callable[[str], None]
 

@@ -37,9 +37,10 @@ from typing import Any
 from .. import __version__
 from ..bundle.read import load_bundle, sha256_file
 from ..errors import DeviceError, EmulationError, MissingToolError, UsageError
+from .choice import ArtifactChoice, choose_artifact
 from .config import read_device_table, render_device_config
 from .emuroot import GUEST_PYTHON, manylinux_platforms
-from .profile import ArtifactChoice, DeviceProfile, choose_artifact
+from .profile import DeviceProfile
 
 Log = Callable[[str], None]
 TEMPLATES = Path(__file__).resolve().parent / "templates"

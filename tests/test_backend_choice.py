@@ -16,9 +16,10 @@ import pytest
 
 from fundus_edge.bundle.read import Bundle
 from fundus_edge.devices import doctor as doctor_mod
+from fundus_edge.devices.choice import choose_artifact, runnable_formats
 from fundus_edge.devices.doctor import Check, run_doctor
 from fundus_edge.devices.package import device_formats
-from fundus_edge.devices.profile import choose_artifact, get_profile, runnable_formats
+from fundus_edge.devices.profile import get_profile
 from fundus_edge.errors import MissingDependencyError
 from fundus_edge.runtime import backends
 from fundus_edge.runtime.screen import pick_artifact

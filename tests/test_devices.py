@@ -14,16 +14,12 @@ import pytest
 
 from fundus_edge.cli import main
 from fundus_edge.devices import detect, get_profile, list_profiles
+from fundus_edge.devices.choice import choose_artifact
 from fundus_edge.devices.cpufiles import cpu_files
 from fundus_edge.devices.detect import read_cpu_parts
 from fundus_edge.devices.emuroot import manylinux_platforms
 from fundus_edge.devices.parity import parity
-from fundus_edge.devices.profile import (
-    ArtifactPreference,
-    choose_artifact,
-    load_profile_file,
-    profile_from_dict,
-)
+from fundus_edge.devices.profile import ArtifactPreference, load_profile_file, profile_from_dict
 from fundus_edge.errors import DeviceError
 
 DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
@@ -280,7 +276,7 @@ def test_screen_and_build_take_a_device(built: Any, real_photos: list[Path],
     code = main(["screen", "--device", "rpi4", "--bundle", str(built.out), str(real_photos[0]), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
-    from fundus_edge.devices.profile import runnable_formats
+    from fundus_edge.devices.choice import runnable_formats
 
     manifest = json.loads((built.out / "manifest.json").read_text())
     gate = manifest["gate"]["summary"]

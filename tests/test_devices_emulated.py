@@ -65,7 +65,7 @@ def test_second_setup_reuses_the_cache(emulation_root: Path) -> None:
 def test_emulated_pi4_int8_matches_x86(pi4_report: Any, pi4_images: list[str]) -> None:
     import onnxruntime
 
-    from fundus_edge.devices.profile import runnable_formats
+    from fundus_edge.devices.choice import runnable_formats
 
     rep = pi4_report
     # every int8 artifact this runtime can run: ONNX (onnxruntime), and TFLite (LiteRT) when the bundle has it
