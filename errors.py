@@ -80,6 +80,18 @@ class ModelLoadError(FundusEdgeError):
     code = "model-load"
 
 
+class OutputContractError(ModelLoadError):
+    """The model's output is not what its task needs (shape, dtype); the message names the shape and the flags
+    that would declare it. Same exit code as a model that does not load."""
+
+    code = "output-contract"
+
+    def __init__(self, message: str, shape: tuple[int, ...], task: str) -> None:
+        self.shape = tuple(shape)
+        self.task = task
+        super().__init__(message)
+
+
 class ExportError(FundusEdgeError):
     """Export failed, or the exported model disagrees with PyTorch beyond tolerance."""
 
