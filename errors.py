@@ -149,6 +149,20 @@ class ImageError(FundusEdgeError):
         super().__init__(message)
 
 
+class DicomError(ImageError):
+    """A DICOM file that is not a photograph the runtime can screen (``runtime/dicom.py``).
+
+    ``code`` is a stable per-image code (not-an-image, unsupported-mode, decode-failed, too-large), so a batch
+    records it like any other image; ``reason`` says more, stably: not-dicom | no-pixel-data |
+    not-a-photograph | photometric | bit-depth | transfer-syntax | pixel-data | too-large | damaged.
+    """
+
+    def __init__(self, code: str, message: str, reason: str, sop_class_uid: str = "") -> None:
+        self.reason = reason
+        self.sop_class_uid = sop_class_uid
+        super().__init__(code, message)
+
+
 IMAGE_ERROR_CODES = {
     "not-found": "the file does not exist or is not readable",
     "empty-file": "the file is empty",
