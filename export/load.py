@@ -76,8 +76,25 @@ class ExportedProgramModule(nn.Module):
         return torch.cat([self._run(piece) for piece in x.split(b)])[:n]
 
     def exportable(self) -> nn.Module:
-        """The program as a graph module without input guards (re-traceable with a dynamic batch)."""
-        return self.program.module(check_guards=False)
+        """The program's graph without its input guards, re-traceable with a dynamic batch by either exporter."""
+        return _UnguardedProgram(self.program.module(check_guards=False))
+
+
+class _UnguardedProgram(nn.Module):
+    """A program's graph module, in a module whose ``train()``/``eval()`` (which the TorchScript exporter calls)
+    do not reach the graph module, which raises on them."""
+
+    def __init__(self, graph_module: nn.Module) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.training = False
+
+    def train(self, mode: bool = True) -> _UnguardedProgram:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.graph_module(x)
 
 
 def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[Any, ...]]:

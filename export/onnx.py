@@ -47,6 +47,7 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
         raise MissingDependencyError("onnx", "export", "ONNX export") from exc
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    is_program = isinstance(module, ExportedProgramModule)
     module = module.exportable() if isinstance(module, ExportedProgramModule) else module.eval()
     shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
     example = torch.zeros(shape, dtype=torch.float32)
@@ -79,7 +80,8 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
     except (ExportError, MissingDependencyError):
         raise
     except Exception as exc:
-        hint = " Try --exporter legacy." if exporter == "dynamo" else ""
+        hint = (" Try --exporter legacy." if exporter == "dynamo" else
+                " A torch.export (.pt2) program exports with --exporter dynamo (the default)." if is_program else "")
         raise ExportError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: {exc}.{hint}") from exc
     model = onnx.load(str(out))
     try:

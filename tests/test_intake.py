@@ -61,11 +61,15 @@ def test_pt2_runs_any_batch_and_exports_a_dynamic_batch(tmp_path: Path, dynamic:
     x = _x(5)
     want = torch_outputs(m, x)
     assert np.allclose(torch_outputs(module, x), want, atol=1e-5)  # 5 images through a batch-1 program
-    out = export_onnx(module, tmp_path / "m.onnx", SIZE)
-    sess = ort.InferenceSession(str(out.path))
-    assert sess.get_inputs()[0].shape[0] == "batch"
-    assert np.allclose(sess.run(None, {"input": x})[0], want, atol=1e-4)
-    assert validate_export(module, "onnx", out.path, x, [1])
+    if dynamic:  # TorchScript cannot trace a program's symbolic batch; the message says which exporter can
+        with pytest.raises(ExportError, match=r"SymInts.*--exporter dynamo \(the default\)"):
+            export_onnx(module, tmp_path / "legacy.onnx", SIZE, exporter="legacy")
+    for exporter in ("dynamo",) if dynamic else ("dynamo", "legacy"):
+        out = export_onnx(module, tmp_path / f"m.{exporter}.onnx", SIZE, exporter=exporter)
+        sess = ort.InferenceSession(str(out.path))
+        assert sess.get_inputs()[0].shape[0] == "batch"
+        assert np.allclose(sess.run(None, {"input": x})[0], want, atol=1e-4)
+        assert validate_export(module, "onnx", out.path, x, [1])
 
 
 def test_pt2_with_a_fixed_batch_greater_than_one(tmp_path: Path) -> None:
