@@ -80,6 +80,18 @@ class ModelLoadError(FundusEdgeError):
     code = "model-load"
 
 
+class OutputContractError(ModelLoadError):
+    """The model's output is not what its task needs (shape, dtype); the message names the shape and the flags
+    that would declare it. Same exit code as a model that does not load."""
+
+    code = "output-contract"
+
+    def __init__(self, message: str, shape: tuple[int, ...], task: str) -> None:
+        self.shape = tuple(shape)
+        self.task = task
+        super().__init__(message)
+
+
 class ExportError(FundusEdgeError):
     """Export failed, or the exported model disagrees with PyTorch beyond tolerance."""
 
@@ -135,6 +147,20 @@ class ImageError(FundusEdgeError):
             raise ValueError(f"unknown image error code {code!r}")
         self.code = code
         super().__init__(message)
+
+
+class DicomError(ImageError):
+    """A DICOM file that is not a photograph the runtime can screen (``runtime/dicom.py``).
+
+    ``code`` is a stable per-image code (not-an-image, unsupported-mode, decode-failed, too-large), so a batch
+    records it like any other image; ``reason`` says more, stably: not-dicom | no-pixel-data |
+    not-a-photograph | photometric | bit-depth | transfer-syntax | pixel-data | too-large | damaged.
+    """
+
+    def __init__(self, code: str, message: str, reason: str, sop_class_uid: str = "") -> None:
+        self.reason = reason
+        self.sop_class_uid = sop_class_uid
+        super().__init__(code, message)
 
 
 IMAGE_ERROR_CODES = {

@@ -7,6 +7,7 @@ Architectures are named ``torchvision:<name>`` (any torchvision classification m
 
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +18,134 @@ from torch import nn
 
 from ..errors import ModelLoadError, UsageError
 
+PT2_META_FILE = "fundus_edge.json"  # optional metadata in a .pt2: torch.export.save(ep, f, extra_files={...})
 REFERENCE_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 DEFAULT_REFERENCE = "dr-resnet18s"
 
 
 @dataclass
 class LoadedModel:
-    """An eval-mode module plus what the checkpoint said about itself (class names, preprocessing...)."""
+    """An eval-mode module plus what the checkpoint said about itself (class names, preprocessing...).
+
+    For a ``torch.export`` file, ``module`` is an :class:`ExportedProgramModule` and ``program`` the program.
+    """
 
     module: nn.Module
     source: str
     arch: str | None = None
     num_classes: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    program: torch.export.ExportedProgram | None = None
+
+
+class ExportedProgramModule(nn.Module):
+    """The ``nn.Module`` face of a ``torch.export`` program, so that every consumer of a module can take one.
+
+    A program's train/eval behaviour was fixed when it was exported (its module refuses ``.eval()``), so
+    ``train()``/``eval()`` here only set the flag. ``forward`` runs the program; a program exported with a
+    fixed batch (the usual ``torch.export.export(model, (torch.randn(1, 3, H, W),))``) runs any batch in
+    pieces of that size. :meth:`exportable` gives a graph module without the program's input guards, for the
+    exporters to re-trace with a dynamic batch.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, source: str = "program") -> None:
+        super().__init__()
+        inputs = _user_input_shapes(program)
+        if len(inputs) != 1 or len(inputs[0]) != 4:
+            raise ModelLoadError(
+                f"{source} takes {len(inputs)} tensor input(s) of shape(s) {[tuple(map(str, s)) for s in inputs]}; "
+                "fundus-edge needs a model with one image input (N, C, H, W) or (N, H, W, C)")
+        batch = inputs[0][0]
+        self.static_batch: int | None = batch if isinstance(batch, int) else None
+        self.program = program
+        self._run = program.module()
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode  # the program's behaviour is fixed; its graph module raises on .train()/.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        b = self.static_batch
+        if b is None or x.shape[0] == b:
+            return self._run(x)
+        n = x.shape[0]
+        pad = (-n) % b
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        return torch.cat([self._run(piece) for piece in x.split(b)])[:n]
+
+    def exportable(self) -> nn.Module:
+        """The program's graph without its input guards, re-traceable with a dynamic batch by either exporter."""
+        return _UnguardedProgram(self.program.module(check_guards=False))
+
+
+class _UnguardedProgram(nn.Module):
+    """A program's graph module, in a module whose ``train()``/``eval()`` (which the TorchScript exporter calls)
+    do not reach the graph module, which raises on them."""
+
+    def __init__(self, graph_module: nn.Module) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.training = False
+
+    def train(self, mode: bool = True) -> _UnguardedProgram:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.graph_module(x)
+
+
+def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[Any, ...]]:
+    names = set(program.graph_signature.user_inputs)
+    shapes = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", ())
+            shapes.append(tuple(int(d) if isinstance(d, int) else d for d in shape))
+    return shapes
+
+
+def _training_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """Operators that behave as in training mode (BatchNorm on batch statistics, active Dropout)."""
+    found = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        training_bn = name.startswith("aten.batch_norm") and len(node.args) > 5 and node.args[5] is True
+        if training_bn or "_native_batch_norm_legit_functional" in name or name.endswith("legit.default"):
+            found.add("BatchNorm")
+        elif "dropout" in name and (node.args[-1] is True or node.kwargs.get("train") is True):
+            found.add("Dropout")
+    return sorted(found)
+
+
+def load_exported_program(path: Path, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Load a ``torch.export`` (.pt2) file; metadata saved as ``extra_files={"fundus_edge.json": ...}`` is read."""
+    extra = {PT2_META_FILE: ""}
+    try:
+        ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a loadable torch.export (.pt2) file: {exc}") from exc
+    meta: dict[str, Any] = {}
+    if extra.get(PT2_META_FILE):
+        try:
+            meta = json.loads(extra[PT2_META_FILE])
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: its {PT2_META_FILE} is not JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{path}: its {PT2_META_FILE} must be a JSON object")
+    training = _training_ops(ep)
+    if training:
+        raise ModelLoadError(
+            f"{path} was exported in training mode ({', '.join(training)} in training behaviour): call "
+            "model.eval() before torch.export.export(...) and save it again")
+    num_classes = num_classes or meta.get("num_classes")
+    return LoadedModel(ExportedProgramModule(ep, str(path)), source=str(path), arch=arch or meta.get("arch"),
+                       num_classes=int(num_classes) if num_classes else None, meta=meta, program=ep)
 
 
 def build_architecture(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -111,11 +227,7 @@ def load_model(source: str | Path | nn.Module, arch: str | None = None, num_clas
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
     if path.suffix == ".pt2":
-        try:
-            ep = torch.export.load(str(path))
-        except Exception as exc:
-            raise ModelLoadError(f"{path} is not a loadable torch.export (.pt2) file: {exc}") from exc
-        return LoadedModel(ep.module(), source=str(path), arch=arch, num_classes=num_classes)
+        return load_exported_program(path, arch, num_classes)
     if _is_torchscript(path):
         try:
             scripted = torch.jit.load(str(path), map_location="cpu")

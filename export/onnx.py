@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, MissingDependencyError
+from .load import ExportedProgramModule
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -35,14 +36,19 @@ class OnnxExport:
 
 def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", exporter: str = "dynamo",
                 opset: int | None = None) -> OnnxExport:
-    """Export ``module`` (eval mode) with a dynamic batch axis to a single self-contained .onnx file."""
+    """Export ``module`` (eval mode) with a dynamic batch axis to a single self-contained .onnx file.
+
+    A ``torch.export`` program (:class:`ExportedProgramModule`) is re-traced without its input guards, so that
+    a program exported with a fixed batch still gives a file with a dynamic batch axis.
+    """
     try:
         import onnx
     except ImportError as exc:
         raise MissingDependencyError("onnx", "export", "ONNX export") from exc
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
-    module = module.eval()
+    is_program = isinstance(module, ExportedProgramModule)
+    module = module.exportable() if isinstance(module, ExportedProgramModule) else module.eval()
     shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
     example = torch.zeros(shape, dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,12 +80,19 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
     except (ExportError, MissingDependencyError):
         raise
     except Exception as exc:
-        hint = " Try --exporter legacy." if exporter == "dynamo" else ""
+        hint = (" Try --exporter legacy." if exporter == "dynamo" else
+                " A torch.export (.pt2) program exports with --exporter dynamo (the default)." if is_program else "")
         raise ExportError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: {exc}.{hint}") from exc
     model = onnx.load(str(out))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch_dim.HasField("dim_value"):
+        raise ExportError(
+            f"the exported ONNX model has a fixed batch of {batch_dim.dim_value} (the model's code fixes it, "
+            "e.g. x.view(1, -1) or a reshape to a constant shape); fundus-edge needs a dynamic batch axis: use "
+            "x.flatten(1) / x.view(x.shape[0], -1)" + (" or try --exporter legacy" if exporter == "dynamo" else ""))
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return OnnxExport(out, exporter, int(opset_used), time.perf_counter() - t0)

@@ -1,6 +1,6 @@
-"""The accuracy-aware fallback loop on TFLite: per-op float fallback in the ai-edge-quantizer recipe.
+"""The accuracy-aware fallback loop on TFLite: per-op float fallback in the LiteRT quantizer's recipe.
 
-Ops are addressed by their *scope* (the names of their output tensors, what ai-edge-quantizer matches recipe
+Ops are addressed by their *scope* (the names of their output tensors, what the quantizer matches recipe
 regexes against), so one CONV_2D can stay float while every other CONV_2D is int8. Calibration runs once
 (:func:`calibrate_tflite`); each trial only re-quantizes from the stored ranges. A model with ops kept in float
 is no longer full-integer: the written file's coverage (integer vs float MACs, inner QUANTIZE/DEQUANTIZE pairs)
@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .quantize_tflite import TfliteCalibration, TfliteQuantConfig, TfliteQuantResult, quantize_calibrated
+from .quantize_tflite import (
+    TfliteCalibration,
+    TfliteQuantConfig,
+    TfliteQuantResult,
+    import_quantizer,
+    quantize_calibrated,
+)
 from .search import FallbackBudget, FallbackResult, GateSpec, search_fallback
 
 # ops worth keeping in float: they carry the MACs or the PTQ-fragile nonlinearities
@@ -26,7 +32,7 @@ RANKED_TFLITE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_M
 
 def tflite_ops(path: Path) -> list[tuple[str, str]]:
     """(scope, op name) of every operator of the main subgraph, in execution order."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tfl
+    tfl = import_quantizer().sub("utils.tfl_flatbuffer_utils")
 
     model = tfl.read_model(str(path))
     graph = model.subgraphs[0]

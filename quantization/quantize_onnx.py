@@ -62,6 +62,8 @@ class OnnxQuantResult:
     quantized_ops: dict[str, int] = field(default_factory=dict)
     float_ops: dict[str, int] = field(default_factory=dict)
     int8_mac_fraction: float = 0.0
+    preprocess: str = "unknown"  # one of PREPROCESS_PATHS; "unknown": a pre-processed file made elsewhere
+    preprocess_failed: list[str] = field(default_factory=list)  # why the paths before it were not taken
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,8 @@ class OnnxQuantResult:
             "quantized_ops": self.quantized_ops,
             "float_ops": self.float_ops,
             "int8_mac_fraction": round(self.int8_mac_fraction, 4),
+            "preprocess": self.preprocess,
+            "preprocess_failed": self.preprocess_failed,
         }
 
 
@@ -85,26 +89,83 @@ def _ort_quant() -> Any:
     return quantization
 
 
+PREPROCESS_PATHS = ("symbolic", "onnx-shape-inference", "none")
+PREPROCESS_META_KEY = "fundus_edge.quant_preprocess"  # which path made a pre-processed model (metadata_props)
+
+
+def _run_pre_process(q: Any, src: Path, dst: Path, path: str) -> None:
+    if path == "none":
+        import onnx
+
+        onnx.save(onnx.load(str(src)), str(dst))  # unchanged: quantize_static infers what it needs itself
+        return
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fe-qpre-") as tmp:
+        os.chdir(tmp)
+        try:
+            q.quant_pre_process(str(src), str(dst), skip_optimization=True,
+                                skip_symbolic_shape=path != "symbolic")
+        finally:
+            os.chdir(cwd)
+
+
+def _tag(dst: Path, path: str, failed: list[str]) -> None:
+    import onnx
+
+    model = onnx.load(str(dst))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[PREPROCESS_META_KEY] = path
+    props[PREPROCESS_META_KEY + ".failed"] = " | ".join(failed)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(dst))
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def preprocess_path_of(preprocessed: Path) -> tuple[str, list[str]]:
+    """Which pre-processing path made ``preprocessed`` and why the ones before it failed ("unknown" when the
+    file was not made by :func:`preprocess_for_quantization`)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(preprocessed), load_external_data=False).metadata_props}
+    failed = props.get(PREPROCESS_META_KEY + ".failed", "")
+    return props.get(PREPROCESS_META_KEY, "unknown"), [f for f in failed.split(" | ") if f]
+
+
 def preprocess_for_quantization(fp32: Path, out: Path) -> Path:
     """``quant_pre_process`` (shape inference) without its onnxruntime graph optimisation: the exporters
     already fold BatchNorm and constants, and the optimiser drops node names and the exporter's module-path
     metadata (measured: 56 of 122 MobileNetV3 nodes unnamed, so they could neither be excluded by the fallback
     nor reported), and splits HardSwish into HardSigmoid * x. It writes temp files into the current
-    directory, so it runs inside a temporary one. Needs sympy."""
+    directory, so it runs inside a temporary one. Needs sympy.
+
+    Degrades: when onnxruntime's symbolic shape inference fails ("Incomplete symbolic shape inference": a U-Net
+    with dynamic H and W, whose skip connections concatenate ``H`` with ``2*floor(H/2)``), it retries with
+    ONNX's own shape inference, then with no pre-processing. The path taken ("symbolic" |
+    "onnx-shape-inference" | "none") is written into the output's metadata (:func:`preprocess_path_of`) and
+    reported by :func:`quantize_onnx`. Raises :class:`QuantizationError` when no path works."""
     q = _ort_quant()
     try:
         import sympy  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("sympy", "export", "ONNX quantization pre-processing") from exc
     src, dst = fp32.resolve(), out.resolve()
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="fe-qpre-") as tmp:
-        os.chdir(tmp)
+    failed: list[str] = []
+    for path in PREPROCESS_PATHS:
         try:
-            q.quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False)
-        finally:
-            os.chdir(cwd)
-    return out
+            _run_pre_process(q, src, dst, path)
+        except Exception as exc:
+            failed.append(f"{path}: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        _tag(dst, path, failed)
+        return out
+    raise QuantizationError(
+        f"cannot prepare {fp32.name} for quantization ({'; '.join(failed)}). Check that the file loads "
+        "(python -c \"import onnx; onnx.checker.check_model('MODEL', full_check=True)\"), or ship it in float "
+        "(fundus-edge build --precisions fp32)")
 
 
 def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: str,
@@ -127,6 +188,7 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
         if preprocessed is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fe-q-")))
             preprocessed = preprocess_for_quantization(fp32, tmp / "pre.onnx")
+        pre_path, pre_failed = preprocess_path_of(preprocessed)
         reader = ArrayCalibrationReader(calibration, input_name)
         try:
             q.quantize_static(
@@ -137,8 +199,13 @@ def quantize_onnx(fp32: Path, out: Path, calibration: np.ndarray, input_name: st
                 extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None,
             )
         except Exception as exc:
-            raise QuantizationError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
-    result = OnnxQuantResult(out, cfg, len(calibration), time.perf_counter() - t0)
+            raise QuantizationError(
+                f"onnxruntime quantize_static failed ({type(exc).__name__}: {_first_line(exc, 300)}; "
+                f"pre-processing: {pre_path}). "
+                "Try keeping the failing nodes in float (--exclude-nodes NAME ...), another --calibrator, or ship "
+                "the model in float (fundus-edge build --precisions fp32)") from exc
+    result = OnnxQuantResult(out, cfg, len(calibration), time.perf_counter() - t0, preprocess=pre_path,
+                             preprocess_failed=pre_failed)
     summarize_qdq(out, result)
     return result
 

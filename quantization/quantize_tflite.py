@@ -1,4 +1,8 @@
-"""Full-integer int8 TFLite with ai-edge-quantizer: static int8 weights (per channel) and activations.
+"""Full-integer int8 TFLite with the LiteRT Quantizer: static int8 weights (per channel) and activations.
+
+The quantizer is ``litert-quantizer`` (the package ``ai-edge-quantizer`` was renamed to, same API), or
+``ai-edge-quantizer`` where only that is installed (litert-torch still pins it): :func:`import_quantizer` picks
+one, and the result records which package and version wrote the file.
 
 Calibration runs the fp32 .tflite on fundus images preprocessed by the runtime, and keeps the *global*
 min/max of every tensor over the whole calibration set (``qsv_utils.min_max_update``). The library's default
@@ -15,6 +19,8 @@ models.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata as md
 import io
 import os
 import re
@@ -23,15 +29,51 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError, QuantizationError
+from ..errors import QuantizationError, RuntimeMissingError
 from ..runtime.backends.litert import import_interpreter
 from ..runtime.tflite_graph import TfliteGraphReport, inspect_tflite
 
 CALIBRATIONS = ("global-minmax", "moving-average")
+# (import name, distribution), in order of preference
+QUANTIZER_PACKAGES = (("litert_quantizer", "litert-quantizer"), ("ai_edge_quantizer", "ai-edge-quantizer"))
+
+
+@dataclass(frozen=True)
+class QuantizerPackage:
+    """The LiteRT quantizer package in use; ``sub("calibrator")`` imports one of its modules."""
+
+    module: ModuleType
+    dist: str
+    version: str
+
+    def sub(self, name: str) -> Any:
+        return importlib.import_module(f"{self.module.__name__}.{name}")
+
+    def label(self) -> str:
+        return f"{self.dist} {self.version}"
+
+
+def import_quantizer() -> QuantizerPackage:
+    """``litert_quantizer``, else ``ai_edge_quantizer``; :class:`RuntimeMissingError` (exit 3) when neither imports."""
+    tried = []
+    for name, dist in QUANTIZER_PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            tried.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            version = str(getattr(module, "__version__", "unknown"))
+        return QuantizerPackage(module, dist, version)
+    raise RuntimeMissingError("litert-quantizer", "export", "TFLite int8 quantization", tried)
+
 IO_DTYPES = ("int8", "float32")
 
 
@@ -68,6 +110,7 @@ class TfliteQuantResult:
     coverage: TfliteGraphReport
     input_range: tuple[float, float] = (0.0, 0.0)  # calibrated range of the model input
     versions: dict[str, str] = field(default_factory=dict)
+    quantizer: str = ""  # the package (and version) that wrote the file, e.g. "litert-quantizer 0.11.0"
 
     @property
     def int8_mac_fraction(self) -> float:
@@ -76,7 +119,9 @@ class TfliteQuantResult:
     def to_dict(self) -> dict[str, Any]:
         cov = self.coverage
         return {
-            "tool": "ai_edge_quantizer (static_wi8_ai8: per-channel int8 weights, per-tensor int8 activations)",
+            "tool": f"{self.quantizer or 'LiteRT quantizer'} (static_wi8_ai8: per-channel int8 weights, "
+                    "per-tensor int8 activations)",
+            "quantizer": self.quantizer,
             "config": self.config.to_dict(),
             "n_calibration": self.n_calibration,
             "seconds": round(self.seconds, 2),
@@ -93,17 +138,10 @@ class TfliteQuantResult:
         }
 
 
-def _import_quantizer() -> Any:
-    try:
-        import ai_edge_quantizer
-    except ImportError as exc:
-        raise MissingDependencyError("ai-edge-quantizer", "export", "TFLite int8 quantization") from exc
-    return ai_edge_quantizer
-
-
-def _recipe(cfg: TfliteQuantConfig) -> Any:
-    from ai_edge_quantizer import qtyping, recipe, recipe_manager
-    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+def _recipe(cfg: TfliteQuantConfig, pkg: QuantizerPackage | None = None) -> Any:
+    pkg = pkg or import_quantizer()
+    qtyping, recipe, recipe_manager = pkg.sub("qtyping"), pkg.sub("recipe"), pkg.sub("recipe_manager")
+    AlgorithmName = pkg.sub("algorithm_manager").AlgorithmName
 
     manager = recipe_manager.RecipeManager()
     manager.load_quantization_recipe(recipe.static_wi8_ai8())
@@ -134,6 +172,7 @@ class TfliteCalibration:
     n_images: int
     seconds: float
     input_range: tuple[float, float]  # calibrated (min, max) of the model input
+    package: QuantizerPackage | None = None  # the quantizer that calibrated (and will quantize)
 
 
 def _quiet() -> contextlib.ExitStack:
@@ -151,15 +190,14 @@ def calibrate_tflite(fp32_path: Path, calib: np.ndarray, cfg: TfliteQuantConfig 
                      progress: Callable[[int, int], None] | None = None) -> TfliteCalibration:
     """Run ``calib`` (N, ...) float32 inputs in the file's own layout through the fp32 model, keeping ranges."""
     cfg = cfg or TfliteQuantConfig()
-    _import_quantizer()
-    from ai_edge_quantizer import calibrator
-    from ai_edge_quantizer.utils import qsv_utils
+    pkg = import_quantizer()
+    calibrator, qsv_utils = pkg.sub("calibrator"), pkg.sub("utils.qsv_utils")
 
     if calib.ndim != 4 or not len(calib):
         raise QuantizationError(f"calibration inputs must be a non-empty (N, ...) image batch, got {calib.shape}")
     t0 = time.perf_counter()
     # calibrate with every op quantizable: ranges for a superset of what any fallback candidate needs
-    manager = _recipe(TfliteQuantConfig(io_dtype=cfg.io_dtype, calibration=cfg.calibration))
+    manager = _recipe(TfliteQuantConfig(io_dtype=cfg.io_dtype, calibration=cfg.calibration), pkg)
     model_bytes = fp32_path.read_bytes()
     threads = cfg.threads or os.cpu_count() or 1
     update = qsv_utils.min_max_update if cfg.calibration == "global-minmax" else qsv_utils.moving_average_update
@@ -179,28 +217,26 @@ def calibrate_tflite(fp32_path: Path, calib: np.ndarray, cfg: TfliteQuantConfig 
     except QuantizationError:
         raise
     except Exception as exc:
-        raise QuantizationError(f"ai-edge-quantizer calibration failed on {fp32_path.name}: "
+        raise QuantizationError(f"{pkg.label()} calibration failed on {fp32_path.name}: "
                                 f"{type(exc).__name__}: {exc}") from exc
     return TfliteCalibration(fp32_path, model_bytes, qsvs, len(calib), time.perf_counter() - t0,
-                             _input_range(qsvs, fp32_path))
+                             _input_range(qsvs, fp32_path), pkg)
 
 
 def quantize_calibrated(cal: TfliteCalibration, out: Path, cfg: TfliteQuantConfig | None = None) -> TfliteQuantResult:
     """Write the int8 model for ``cfg`` (its float ops / scopes) from ranges calibrated once."""
-    import importlib.metadata as md
-
-    from ai_edge_quantizer import quantizer
-
+    pkg = cal.package or import_quantizer()
+    quantizer = pkg.sub("quantizer")
     cfg = cfg or TfliteQuantConfig()
     t0 = time.perf_counter()
     try:
         with _quiet():
-            qt = quantizer.Quantizer(cal.model_bytes, _recipe(cfg).get_quantization_recipe())
+            qt = quantizer.Quantizer(cal.model_bytes, _recipe(cfg, pkg).get_quantization_recipe())
             result = qt.quantize(cal.qsvs, enable_progress_bar=False, enable_progress_report=False)
     except QuantizationError:
         raise
     except Exception as exc:
-        raise QuantizationError(f"ai-edge-quantizer failed on {cal.fp32_path.name}: {type(exc).__name__}: {exc}"
+        raise QuantizationError(f"{pkg.label()} failed on {cal.fp32_path.name}: {type(exc).__name__}: {exc}"
                                 ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(result.quantized_model))
@@ -209,12 +245,11 @@ def quantize_calibrated(cal: TfliteCalibration, out: Path, cfg: TfliteQuantConfi
     if cfg.require_full_integer and not asked_float and not coverage.full_integer:
         raise QuantizationError(f"the int8 TFLite model is not full-integer: {coverage.summary()}. "
                                 "Pass the ops to keep in float explicitly if this is intended")
-    versions = {}
-    for dist in ("ai-edge-quantizer", "ai-edge-litert"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[dist] = md.version(dist)
+    versions = {pkg.dist: pkg.version}
+    with contextlib.suppress(md.PackageNotFoundError):
+        versions["ai-edge-litert"] = md.version("ai-edge-litert")
     return TfliteQuantResult(out, cfg, cal.n_images, cal.seconds + time.perf_counter() - t0, coverage, cal.input_range,
-                             versions)
+                             versions, pkg.label())
 
 
 def quantize_tflite(fp32_path: Path, out: Path, calib: np.ndarray, cfg: TfliteQuantConfig | None = None,
