@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..datasets.open_fundus import find_root
+from ..errors import UsageError
 from ..quantization.metrics import auc, bootstrap_auc_ci, confusion, sensitivity_specificity
 from ..runtime.preprocess import PreprocessSpec
 from .real_data import PhotoSet, hrf_set, idrid_set
@@ -57,7 +58,9 @@ def hrf_pairs(data: PhotoSet, s: np.ndarray) -> dict[str, float]:
     return out
 
 
-def evaluate(model_path: Path, data_root: Path, cache_dir: Path | None = DEFAULT_CACHE) -> dict[str, Any]:
+def evaluate(model_path: Path, data_root: Path, cache_dir: Path | None = DEFAULT_CACHE,
+             threshold: float | None = None) -> dict[str, Any]:
+    """Scores on IDRiD test and HRF; ``threshold`` defaults to the checkpoint's locked operating point."""
     import torch
 
     from ..export.load import load_model
@@ -66,12 +69,16 @@ def evaluate(model_path: Path, data_root: Path, cache_dir: Path | None = DEFAULT
     loaded = load_model(model_path)
     meta = loaded.meta
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    threshold = float(meta["operating_point"]["threshold"])
+    op = meta.get("operating_point") or {}
+    if threshold is None:
+        if "threshold" not in op:
+            raise UsageError(f"{model_path} has no locked operating point: pass --threshold")
+        threshold = float(op["threshold"])
     test = idrid_set(data_root, "test", spec, cache_dir)
     ext = hrf_set(data_root, spec, cache_dir)
     s_test, s_hrf = scores(loaded.module, test.x), scores(loaded.module, ext.x)
     return {
-        "model": str(model_path), "operating_point": meta["operating_point"],
+        "model": str(model_path), "operating_point": {**op, "threshold_used": threshold},
         "idrid_test": {**summarize(test, s_test, threshold), "per_grade": per_group(test, s_test, threshold)},
         "hrf": {**summarize(ext, s_hrf, threshold), "per_diagnosis": per_group(ext, s_hrf, threshold),
                 **hrf_pairs(ext, s_hrf)},
@@ -85,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="the open-fundus folder (default: $FUNDUS_EDGE_OPEN_FUNDUS ...)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here too")
+    p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's locked threshold")
     a = p.parse_args(argv)
-    report = evaluate(a.model, find_root(a.data), a.cache)
+    report = evaluate(a.model, find_root(a.data), a.cache, a.threshold)
     text = json.dumps(report, indent=1)
     if a.out:
         a.out.write_text(text + "\n")
