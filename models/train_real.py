@@ -195,12 +195,22 @@ def train(data_root: Path, out: Path, cfg: TrainConfig, spec: PreprocessSpec = S
     log(f"data: {len(tr_idx)} train / {len(va_idx)} val (referable {train_set.y.mean():.2f} / "
         f"{val_set.y.mean():.2f}), preprocessed in {time.time() - t0:.0f}s")
     model, history = fit(train_set, val_set, cfg, log)
+    return save_checkpoint(model, out, spec, cfg, val_set, len(tr_idx), time.time() - t0, history)
+
+
+def save_checkpoint(model: nn.Module, out: Path, spec: PreprocessSpec, cfg: TrainConfig, val_set: PhotoSet,
+                    n_train: int, seconds: float, history: list[dict[str, float]]) -> dict[str, Any]:
+    """Save the weights as float16 (half the file; the kit loads them into float32) and lock the operating
+    point on the validation scores of exactly those rounded weights."""
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach().clone())
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # float32 parameters now hold the float16-rounded values
     val_scores = scores(model, val_set.x)
-    meta = checkpoint_meta(spec, cfg, val_set, val_scores, len(tr_idx), time.time() - t0)
+    meta = checkpoint_meta(spec, cfg, val_set, val_scores, n_train, seconds)
     meta["training"]["history"] = history
     meta["training"]["val_images"] = val_set.names
+    meta["training"]["weights_dtype"] = "float16"
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"fundus_edge_checkpoint": 1, "state_dict": state, **meta}, out)
     return meta
 
