@@ -111,6 +111,20 @@ class DensePreprocessSpec:
                               min_side=self.min_side)
 
 
+def disc_mask(size: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
+    """Boolean (h, w) mask of the pixels whose centres lie in the disc, filled row by row (no full-size
+    float temporaries: a 12 MP photo costs its 12 MB of booleans only)."""
+    w, h = size
+    mask = np.zeros((h, w), bool)
+    dy = np.arange(h, dtype=np.float64) + 0.5 - cy
+    half = np.sqrt(np.maximum(r * r - dy * dy, 0.0))
+    x0 = np.clip(np.ceil(cx - half - 0.5), 0, w).astype(np.int64)
+    x1 = np.clip(np.floor(cx + half - 0.5) + 1, 0, w).astype(np.int64)
+    for y in np.flatnonzero((dy * dy <= r * r) & (x1 > x0)):
+        mask[y, x0[y]:x1[y]] = True
+    return mask
+
+
 @dataclass(frozen=True)
 class DenseGeometry:
     """How the working image relates to the original photo, to map network outputs back onto it."""
@@ -131,19 +145,13 @@ class DenseGeometry:
 
     def working_fov_mask(self) -> np.ndarray:
         """Boolean (h, w) FOV mask at the working resolution (the detected circle inside the photo)."""
-        w, h = self.working_size
         s = self.scale
-        cx, cy = (self.fov.cx - self.box[0]) * s, (self.fov.cy - self.box[1]) * s
-        r = self.fov.radius * s * (1.0 - self.fov_margin)
-        yy, xx = np.ogrid[:h, :w]
-        return (((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2) <= r * r)
+        return disc_mask(self.working_size, (self.fov.cx - self.box[0]) * s, (self.fov.cy - self.box[1]) * s,
+                         self.fov.radius * s * (1.0 - self.fov_margin))
 
     def original_fov_mask(self) -> np.ndarray:
         """Boolean (h, w) FOV mask in original-photo pixels."""
-        w, h = self.original_size
-        r = self.fov.radius * (1.0 - self.fov_margin)
-        yy, xx = np.ogrid[:h, :w]
-        return (((xx + 0.5 - self.fov.cx) ** 2 + (yy + 0.5 - self.fov.cy) ** 2) <= r * r)
+        return disc_mask(self.original_size, self.fov.cx, self.fov.cy, self.fov.radius * (1.0 - self.fov_margin))
 
     def to_working(self, img: Image.Image, resample: str = "bilinear") -> Image.Image:
         """An image aligned with the photo (a mask, a label map) cropped and scaled like the working image."""
@@ -331,5 +339,5 @@ def to_original(work: np.ndarray, geometry: DenseGeometry) -> np.ndarray:
     src = Image.fromarray(np.ascontiguousarray(work, dtype=np.float32), "F")
     box = ((ix0 - x0) * sx, (iy0 - y0) * sy, (ix1 - x0) * sx, (iy1 - y0) * sy)
     canvas[iy0:iy1, ix0:ix1] = np.asarray(src.resize((ix1 - ix0, iy1 - iy0), Image.Resampling.BILINEAR, box=box))
-    canvas[~geometry.original_fov_mask()] = 0.0
+    np.multiply(canvas, geometry.original_fov_mask(), out=canvas)  # zero outside the FOV, no inverted copy
     return canvas

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import tracemalloc
 from pathlib import Path
 
 import cv2  # test-only: the reference CLAHE (opencv-python-headless, in the dev extra)
@@ -17,6 +18,7 @@ from fundus_edge.runtime.dense import (
     DensePreprocessSpec,
     _tile_origins,
     blend_weights,
+    disc_mask,
     prepare,
     stitch,
     stitch_working,
@@ -141,3 +143,32 @@ def test_whole_image_mode_and_bad_output_count() -> None:
     assert abs(inside.mean()) < 1e-3 and abs(inside.std() - 1) < 1e-3
     with pytest.raises(UsageError, match="tile outputs"):
         stitch(np.zeros((2, 1, 8, 8), np.float32), d.geometry)
+
+
+@pytest.mark.parametrize("w,h,cx,cy,r", [(100, 80, 50.3, 40.7, 30.2), (50, 50, 0.0, 0.0, 20.0),
+                                         (64, 64, 32.0, 32.0, 100.0), (10, 10, 5.0, 5.0, 0.4)])
+def test_disc_mask_matches_the_circle_equation(w: int, h: int, cx: float, cy: float, r: float) -> None:
+    yy, xx = np.ogrid[:h, :w]
+    assert np.array_equal(disc_mask((w, h), cx, cy, r), ((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2) <= r * r)
+
+
+def test_full_resolution_photo_stays_within_a_pi_zero_budget() -> None:
+    """An HRF-sized 3504x2336 photo (8 MP): numpy's peak during prepare + stitch stays far below the ~350 MB a
+    Pi Zero 2 W leaves free (devices/profiles/rpi-zero-2w.toml); tiles keep the network's input small too."""
+    with Image.open(HRF) as im:
+        big = im.resize((3504, 2336), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    del big
+    spec = DensePreprocessSpec(fov_diameter=1024, tile=384, overlap=32)
+    tracemalloc.start()
+    try:
+        d = prepare(data, spec)
+        prob = stitch(np.zeros((len(d.geometry.tiles), 1, 384, 384), np.float32), d.geometry, overlap=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert prob.shape == (2336, 3504)
+    assert d.tensors.nbytes <= 8 * 384 * 384 * 4
+    assert peak < 120 * 2**20, f"numpy peak {peak / 2**20:.0f} MB"
