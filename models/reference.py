@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .unet import unet
+
 
 def _act(name: str) -> nn.Module:
     if name == "relu":
@@ -97,4 +99,5 @@ def vit_tiny(num_classes: int = 2, image_size: int = 224, patch_size: int = 16, 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18s": ResNet18S,
     "vit_tiny": vit_tiny,
+    "unet": unet,
 }
