@@ -21,7 +21,7 @@ import numpy as np
 
 from ..datasets.open_fundus import find_root
 from ..errors import UsageError
-from ..quantization.metrics import auc, bootstrap_auc_ci, confusion, sensitivity_specificity
+from ..gate.metrics import auc, bootstrap_auc_ci, confusion, sensitivity_specificity
 from ..runtime.preprocess import PreprocessSpec
 from .real_data import PhotoSet, hrf_set, idrid_set
 from .train_real import DEFAULT_CACHE, scores

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.open_fundus import find_root
-from ..quantization.metrics import auc, lock_threshold, sensitivity_specificity
+from ..gate.metrics import auc, lock_threshold, sensitivity_specificity
 from ..runtime.preprocess import PreprocessSpec
 from .real_data import SPEC, PhotoSet, idrid_set, split_train_val
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError, UsageError
+from .dicom import is_dicom
 from .fov import FieldOfView, detect_fov
 
 _RESAMPLE = {
@@ -189,6 +190,8 @@ def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple
         except OSError as exc:
             raise ImageError("not-found", f"cannot read {path}: {exc.strerror or exc}") from exc
         fp = path
+    if is_dicom(source):
+        return _open_dicom(source, spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -216,6 +219,20 @@ def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple
         img.close()
         raise ImageError("decode-failed", f"cannot open image: {exc}") from exc
     return img, (w, h)
+
+
+def _open_dicom(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+    """Frame 0 of a DICOM photograph (``fundus-edge[dicom]``); a missing pydicom is this file's error, not the
+    batch's."""
+    from ..errors import MissingDependencyError
+    from .dicom import decode_dicom
+
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        img, _meta = decode_dicom(data, spec.max_pixels)
+    except MissingDependencyError as exc:
+        raise ImageError("decode-failed", f"a DICOM file: {exc}") from exc
+    return img, img.size
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

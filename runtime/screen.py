@@ -19,7 +19,7 @@ from .postprocess import referable_probability
 from .preprocess import preprocess
 from .quality import QualitySpec, assess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm"}
 
 
 @dataclass

@@ -209,3 +209,23 @@ def test_without_pydicom_the_extra_is_named(monkeypatch: pytest.MonkeyPatch, pho
     assert is_dicom(data)  # needs no pydicom
     with pytest.raises(MissingDependencyError, match=r"fundus-edge\[dicom\]"):
         decode_dicom(data)
+
+
+def test_screen_a_dicom_study_returns_a_decision(built: Any, real_photos: list[Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`fundus-edge screen --bundle B study.dcm --json` returns a decision (JPEG-encapsulated, as cameras write);
+    the patient's name never reaches the output."""
+    from fundus_edge.cli import main
+
+    with Image.open(real_photos[0]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    rgb = rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2]
+    h, w, _ = rgb.shape
+    study = tmp_path / "study.dcm"
+    study.write_bytes(_image(_dataset(OP_8BIT, JPEGBaseline8Bit), h, w, "YBR_FULL_422", encapsulate([_jpeg(rgb)])))
+    code = main(["screen", "--bundle", str(built.out), str(study), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads(out)["results"][0]
+    assert result["decision"] in ("refer", "no-refer", "ungradable") and not result.get("error")
+    assert "Doe" not in out
