@@ -26,7 +26,7 @@ from .preprocess import decode, preprocess
 from .quality import QualitySpec, assess
 
 TILE_BATCH = 4  # tiles per inference call: bounds the activations' memory on small devices
-OVERLAY_RGB = (255, 40, 40)
+OVERLAY_RGB = (40, 255, 255)  # cyan: stands out on the red-orange fundus
 
 
 @dataclass
