@@ -23,7 +23,7 @@ def bundle_task(bundle: Path) -> str | None:
     """The ``task`` a bundle's manifest declares (unverified: only to route the command), or None."""
     try:
         data = json.loads((Path(bundle) / "manifest.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the command's own bundle reader reports these
         return None
     task = data.get("task") if isinstance(data, dict) else None
     return task if isinstance(task, str) else None

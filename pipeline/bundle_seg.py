@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..bundle.manifest import (
     Artifact,
@@ -30,9 +30,11 @@ from ..errors import GateFailedError
 from ..gate.segmentation import report_md
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
-from .build_seg import SegBuild
 from .config import BuildResult
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .build_seg import SegBuild
 
 SHIPPED = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx"}
 
