@@ -132,7 +132,9 @@ def write_seg_bundle(b: SegBuild, staging: Path, progress: Progress, signer: Any
         raise GateFailedError(f"segmentation gate failed ({failures}); no bundle written. Report: "
                               f"{report_dir}/report.md. Relax the gate deliberately, pass --allow-failed-gate, or "
                               "ship fp32 only with --precisions fp32")
-    (staging / "plain.int8.onnx").unlink(missing_ok=True)  # measured, not shipped
+    for g in b.gate["gates"]:
+        if not g["ships"]:
+            (staging / f"{g['artifact']}.onnx").unlink(missing_ok=True)  # measured, not shipped
     report_files = write_seg_reports(staging, report)
     manifest, files = seg_manifest(b, staging, report_files)
     write_manifest(staging, manifest, files=files)
