@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ImageError, UsageError
 from .choices import pipeline_settings, screen_choices, use_pipeline
 from .field import screen_field, wants_field
-from .output import emit, screening_line, screening_summary
+from .output import emit, screening_line, screening_summary, warn
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -42,6 +42,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
                "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err}
     payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
                "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary}
+    if screener.artifact_note:  # the default artifact's backend is not installed here: another one runs
+        payload["artifact_note"] = screener.artifact_note
+        warn(screener.artifact_note)
     lines = [f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})"]
     lines += [screening_line(r) for r in results]
     lines.append(screening_summary(summary))
