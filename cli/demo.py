@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
     d.add_argument("--out", type=Path, default=Path("demo-out"))
     d.add_argument("--data", type=Path, metavar="DIR",
                    help="the open-fundus folder (IDRiD, HRF); default: $FUNDUS_EDGE_OPEN_FUNDUS, ../shared/open-fundus "
-                        "next to the checkout, else the repository's subset in tests/data/open-fundus")
+                        "next to the checkout, else the repository's copy in tests/data/open-fundus-demo")
     d.add_argument("--json", action="store_true", help="one JSON document on stdout")
     d.add_argument("--skip-fragile", action="store_true",
                    help="skip the second part: the PTQ-fragile MobileNetV3 reference and the accuracy-aware fallback")
