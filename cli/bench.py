@@ -72,7 +72,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="per-stage latency, throughput, cold start and peak RSS of a bundle")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("images", nargs="*", help="images or folders (default: 12 MP synthetic + CC0 photos)")
-    p.add_argument("--artifacts", nargs="*", help="artifact ids (default: all)")
+    p.add_argument("--artifact", action="append", dest="artifacts", metavar="ID",
+                   help="artifact id to benchmark; repeat for more (default: all)")
+    p.add_argument("--artifacts", nargs="+", dest="artifacts", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold start / RSS run")
