@@ -23,11 +23,12 @@ def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
-    from ..datasets.open_fundus import SAMPLES
+    from ..datasets.open_fundus import SAMPLES, SAMPLES_HELP
     from ..devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
     from ..runtime.backends import BackendSettings
     from ..runtime.bench import bundle_macs, format_table, run_bench
     from ..runtime.screen import expand_inputs
+    from .output import warn
 
     if args.project:  # an unknown device fails before the benchmark runs, not after
         from ..devices.profile import get_profile
@@ -41,13 +42,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             images = camera_sized_jpegs(Path(tmp))
             if SAMPLES.is_dir():
                 images += expand_inputs([SAMPLES])
+            else:
+                warn(f"12 MP synthetic photos only: {SAMPLES_HELP}")
         rows = run_bench(args.bundle, images, BackendSettings(threads=args.threads), args.artifacts,
                          repeats=args.repeats, cold=not args.no_cold_start)
     devices = DEFAULT_DEVICES if args.project is None else tuple(args.project)
     macs, macs_source = bundle_macs(load_bundle(args.bundle))
     projections = project_artifacts(macs, [(r.artifact, r.precision) for r in rows], devices)
     payload: dict[str, Any] = {"bundle": str(args.bundle), "threads": args.threads, "images": len(images),
-                               "rows": [r.to_dict() for r in rows],
+                               "rows": [r.to_dict() for r in rows], "skipped": list(rows.skipped),
                                "projection": {"label": LABEL, "macs": macs, "macs_source": macs_source,
                                               "devices": list(devices),
                                               "rows": [p.to_dict() for p in projections]}}
@@ -69,7 +72,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="per-stage latency, throughput, cold start and peak RSS of a bundle")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("images", nargs="*", help="images or folders (default: 12 MP synthetic + CC0 photos)")
-    p.add_argument("--artifacts", nargs="*", help="artifact ids (default: all)")
+    p.add_argument("--artifact", action="append", dest="artifacts", metavar="ID",
+                   help="artifact id to benchmark; repeat for more (default: all)")
+    p.add_argument("--artifacts", nargs="+", dest="artifacts", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold start / RSS run")

@@ -22,6 +22,8 @@ def build_config(args: argparse.Namespace) -> Any:
                             min_int8_mac_fraction=args.min_int8_macs)
     return BuildConfig(
         model=args.model, out=args.out, task=args.task, calib=args.calib, val=args.val, val_images=args.val_images,
+        val_description=args.val_description,
+        val_synthetic=args.val_synthetic,
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
         calib_size=args.calib_size, exporter=args.exporter, export_atol=args.export_atol,
         parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
@@ -136,6 +138,10 @@ def register(sub: Any) -> None:
     b.add_argument("--val", type=Path, required=True,
                    help="labels CSV (APTOS, EyePACS, IDRiD or path,label); segmentation: masks CSV image,mask[,fov]")
     b.add_argument("--val-images", type=Path, help="image folder for --val (default: next to the CSV)")
+    b.add_argument("--val-description", metavar="TEXT",
+                   help="what the validation photos are, for the report (e.g. 'IDRiD test, real photographs')")
+    b.add_argument("--val-synthetic", action=argparse.BooleanOptionalAction, default=None,
+                   help="say whether the validation images are synthetic (the report warns when not said)")
     b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     b.add_argument("--name", help="bundle name (default: the model file's stem)")
     b.add_argument("--referable-from", type=int, default=2, help="grades >= this are referable (default 2)")

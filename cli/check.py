@@ -46,7 +46,9 @@ def register(sub: Any) -> None:
     c.add_argument("--val", required=True, type=Path)
     c.add_argument("--val-images", type=Path)
     c.add_argument("--referable-from", type=int, default=2)
-    c.add_argument("--artifacts", nargs="*", help="artifact ids to check (default: all)")
+    c.add_argument("--artifact", action="append", dest="artifacts", metavar="ID",
+                   help="artifact id to check; repeat for more (default: all)")
+    c.add_argument("--artifacts", nargs="+", dest="artifacts", help=argparse.SUPPRESS)  # old spelling
     c.add_argument("--threads", type=int, default=0)
     c.add_argument("--json", action="store_true", help="one JSON document on stdout")
     c.set_defaults(func=cmd_check)

@@ -231,7 +231,9 @@ def register(sub: Any) -> None:
     c.add_argument("images", nargs="*", help="image files or directories (default: the kit's CC0 photographs)")
     c.add_argument("--synthetic", type=int, default=16, help="seeded synthetic images to add (default 16)")
     c.add_argument("--seed", type=int, default=2024)
-    c.add_argument("--artifacts", nargs="*", help="artifact ids to run (default: all this install can run)")
+    c.add_argument("--artifact", action="append", dest="artifacts", metavar="ID",
+                   help="artifact id to run; repeat for more (default: all this install can run)")
+    c.add_argument("--artifacts", nargs="+", dest="artifacts", help=argparse.SUPPRESS)  # old spelling
     c.add_argument("--model", help="the PyTorch model (default: the bundle's model source, if present here)")
     c.add_argument("--arch", help="architecture for a state_dict --model")
     c.add_argument("--num-classes", type=int)

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..datasets.open_fundus import SAMPLES
 from ..errors import UsageError
 from .output import emit
 
@@ -24,9 +23,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..datasets.open_fundus import find_root
     from .demo_run import run_demo
 
-    return run_demo(args.out, samples=args.samples, json_out=args.json, force=True, fragile=not args.skip_fragile)
+    return run_demo(args.out, data_root=find_root(args.data), json_out=args.json, force=True,
+                    fragile=not args.skip_fragile)
 
 
 def register(sub: Any) -> None:
@@ -39,9 +40,12 @@ def register(sub: Any) -> None:
     y.add_argument("--json", action="store_true", help="one JSON document on stdout")
     y.set_defaults(func=cmd_synth)
 
-    d = sub.add_parser("demo", help="the whole job on the built-in reference model and synthetic data")
+    d = sub.add_parser("demo", help="the whole job: the real reference model gated and screened on real photographs, "
+                       "then the PTQ-fragile synthetic models")
     d.add_argument("--out", type=Path, default=Path("demo-out"))
-    d.add_argument("--samples", type=Path, default=SAMPLES, help="real photographs to screen at the end")
+    d.add_argument("--data", type=Path, metavar="DIR",
+                   help="the open-fundus folder (IDRiD, HRF); default: $FUNDUS_EDGE_OPEN_FUNDUS, ../shared/open-fundus "
+                        "next to the checkout, else the repository's copy in tests/data/open-fundus-demo")
     d.add_argument("--json", action="store_true", help="one JSON document on stdout")
     d.add_argument("--skip-fragile", action="store_true",
                    help="skip the second part: the PTQ-fragile MobileNetV3 reference and the accuracy-aware fallback")

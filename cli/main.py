@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import FundusEdgeError, UsageError
+from .helptext import fill_missing_help
 from .output import error
 
 EXIT_CODES = """exit codes:
@@ -42,6 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name, __package__).register(sub)
+    fill_missing_help(p)
     return p
 
 

@@ -58,3 +58,21 @@ def screening_summary(summary: dict[str, Any]) -> str:
 def fmt_opt(v: float | None) -> str:
     """A metric that may be missing (no positives, no negatives): '-'."""
     return "-" if v is None else f"{v:.4f}"
+
+
+class Progress:
+    """"screened 12/364" on stderr, rewritten in place, only when stderr is a terminal (never in logs or pipes)."""
+
+    def __init__(self, total: int, what: str = "screened") -> None:
+        self.total, self.what, self.n = total, what, 0
+        self.live = sys.stderr.isatty() and total > 1
+
+    def step(self) -> None:
+        self.n += 1
+        if self.live:
+            print(f"\r{self.what} {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.live:
+            print("\r" + " " * (len(self.what) + 2 * len(str(self.total)) + 2) + "\r", end="", file=sys.stderr,
+                  flush=True)

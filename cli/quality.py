@@ -37,14 +37,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _images_parser() -> argparse.ArgumentParser:
+def images_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fundus-edge quality", usage=USAGE)
     _add_common(p)
     p.add_argument("inputs", nargs="+", help="image files or directories")
     return p
 
 
-def _calibrate_parser() -> argparse.ArgumentParser:
+def calibrate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fundus-edge quality calibrate", usage=USAGE,
                                 description="Fit quality thresholds to one camera from labelled photographs.")
     _add_common(p)
@@ -91,10 +91,10 @@ def _merge(outer: argparse.Namespace, inner: argparse.Namespace) -> argparse.Nam
 def cmd_quality(args: argparse.Namespace) -> int:
     rest = list(args.inputs)
     if rest and rest[0] == "calibrate":
-        return _cmd_calibrate(_merge(args, _calibrate_parser().parse_args(rest[1:])))
+        return _cmd_calibrate(_merge(args, calibrate_parser().parse_args(rest[1:])))
     if not rest:
         raise UsageError("give image files or directories, or 'calibrate --good DIR --bad DIR'")
-    return _cmd_measure(_merge(args, _images_parser().parse_args(rest)))
+    return _cmd_measure(_merge(args, images_parser().parse_args(rest)))
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:

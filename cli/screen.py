@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ImageError, UsageError
 from .choices import pipeline_settings, screen_choices, use_pipeline
 from .field import screen_field, wants_field
-from .output import emit, screening_line, screening_summary
+from .output import Progress, emit, screening_line, screening_summary, warn
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -34,19 +34,38 @@ def cmd_screen(args: argparse.Namespace) -> int:
     bundle: Any = loaded[0] if loaded else args.bundle
     screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision,
                     settings=pipeline_settings(settings, pipeline))
-    with screener:
-        results = list(screener.screen_many(sources, pipeline=pipeline))
+    if screener.artifact_note:  # the default artifact's backend is not installed here: another one runs
+        warn(screener.artifact_note)
+    results = _run(args, screener, sources, pipeline)
     n_err = sum(1 for r in results if not r)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
                "no_refer": sum(r.decision == "no-refer" for r in results),
                "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err}
     payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
-               "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary}
-    lines = [f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})"]
-    lines += [screening_line(r) for r in results]
-    lines.append(screening_summary(summary))
-    emit(args, payload, "\n".join(lines))
+               "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary,
+               **({"artifact_note": screener.artifact_note} if screener.artifact_note else {})}
+    emit(args, payload, screening_summary(summary))
     return ImageError.exit_code if n_err else 0
+
+
+def _run(args: argparse.Namespace, screener: Any, sources: list[str], pipeline: bool) -> list[Any]:
+    """Screen every source. Text mode prints each result as it is made (an interrupted batch has shown what it
+    did); with --json a TTY on stderr shows progress instead, and stdout gets one document at the end."""
+    results = []
+    progress = Progress(len(sources)) if args.json else None
+    if not args.json:
+        print(f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})",
+              flush=True)
+    with screener:
+        for r in screener.screen_many(sources, pipeline=pipeline):
+            results.append(r)
+            if progress is not None:
+                progress.step()
+            else:
+                print(screening_line(r), flush=True)
+    if progress is not None:
+        progress.done()
+    return results
 
 
 def register(sub: Any) -> None:

@@ -68,16 +68,59 @@ def make_subset(root: Path, out: Path) -> list[Path]:
     return written
 
 
+DEMO_CALIB = 64  # IDRiD-train photos for int8 calibration (seeded pick)
+
+
+def _save_width(src: Path, dst: Path, width: int) -> Path:
+    with Image.open(src) as im:
+        img = im.convert("RGB")
+    if img.width > width:
+        img = img.resize((width, round(img.height * width / img.width)), Image.Resampling.LANCZOS)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst, quality=90)
+    return dst
+
+
+def make_demo_subset(root: Path, out: Path) -> list[Path]:
+    """The demo's copy (``open_fundus.DEMO_SUBSET``): every IDRiD test photograph and 64 seeded IDRiD-train ones at
+    960 px wide (from 1280), with their csv rows, and all 45 HRF photographs at half size (876x584)."""
+    import random
+
+    written: list[Path] = []
+    for split, pick in (("test", None), ("train", DEMO_CALIB)):
+        with (root / "idrid" / f"{split}.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if pick is not None:
+            rows = sorted(random.Random(0).sample(rows, pick), key=lambda r: r["image"])
+        (out / "idrid").mkdir(parents=True, exist_ok=True)
+        with (out / "idrid" / f"{split}.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["image", "dr_grade", "dme_risk"])
+            w.writeheader()
+            w.writerows(rows)
+        written.append(out / "idrid" / f"{split}.csv")
+        written += [_save_width(root / "idrid" / r["image"], out / "idrid" / r["image"], 960) for r in rows]
+    for lic in ("LICENSE.txt", "CC-BY-4.0.txt"):
+        if (root / "idrid" / lic).is_file():
+            shutil.copyfile(root / "idrid" / lic, out / "idrid" / lic)
+            written.append(out / "idrid" / lic)
+    for photo in sorted((root / "hrf" / "images").glob("*.jpg")):
+        written.append(_save_width(photo, out / "hrf" / "images" / photo.name, 876))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=None, help="the full open-fundus folder (default: datasets.open_fundus)")
-    ap.add_argument("--out", default=str(open_fundus.SUBSET))
+    ap.add_argument("--out", default=None,
+                    help="default: tests/data/open-fundus (tests/data/open-fundus-demo with --demo)")
+    ap.add_argument("--demo", action="store_true", help="make the demo's copy instead of the test subset")
     args = ap.parse_args(argv)
+    args.out = args.out or str(open_fundus.DEMO_SUBSET if args.demo else open_fundus.SUBSET)
     root = open_fundus.find_root(args.root)
     if root.resolve() == Path(args.out).resolve():
         print(f"no full open-fundus set found (only the subset at {root}); pass --root", file=sys.stderr)
         return 2
-    files = make_subset(root, Path(args.out))
+    files = (make_demo_subset if args.demo else make_subset)(root, Path(args.out))
     print(f"wrote {len(files)} files under {args.out} from {root}")
     return 0
 

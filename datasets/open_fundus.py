@@ -24,6 +24,8 @@ from ..errors import DataError
 ENV_VAR = "FUNDUS_EDGE_OPEN_FUNDUS"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SUBSET = PACKAGE_ROOT / "tests" / "data" / "open-fundus"
+# the demo's copy: IDRiD test (all 103) + 64 IDRiD-train calibration photos at 960 px wide, all 45 HRF at half size
+DEMO_SUBSET = PACKAGE_ROOT / "tests" / "data" / "open-fundus-demo"
 SAMPLES = PACKAGE_ROOT / "tests" / "data" / "fundus"  # CC0 photographs (HRF healthy eyes, scikit-image retina)
 # Where the sample photographs come from, for commands that default to them in an install that has none (a wheel).
 SAMPLES_HELP = ("the CC0 sample photographs (tests/data/fundus) come with a source checkout or the sdist, not "
@@ -61,6 +63,15 @@ def find_root(explicit: str | os.PathLike[str] | None = None, full: bool = True)
             return c
     raise DataError(f"no open-fundus data at {', '.join(map(str, candidates))}; set {ENV_VAR} to the folder that "
                     "holds idrid/, hrf/ and chase_db1/")
+
+
+def demo_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The demo's data: ``explicit`` / ``$FUNDUS_EDGE_OPEN_FUNDUS`` / ``../shared/open-fundus`` when there, else the
+    repository's demo copy (``tests/data/open-fundus-demo``), so ``make demo`` runs on a fresh clone."""
+    root = find_root(explicit)
+    if root.resolve() == SUBSET.resolve() and (DEMO_SUBSET / "idrid").is_dir():
+        return DEMO_SUBSET
+    return root
 
 
 def idrid(root: Path, split: str = "test", referable_from: int = 2) -> list[Photo]:

@@ -115,6 +115,8 @@ def make_report(b: Built) -> dict[str, Any]:
         "artifacts": [{"id": a.id, "path": a.path, "bytes": b.gate.sizes[a.id], "mean_infer_ms": b.gate.infer_ms[a.id]}
                       for a in b.artifacts],
         "validation": {"csv": str(cfg.val), "layout": val.layout, "n": len(val_in.sources),
+                       "description": cfg.val_description, "synthetic": cfg.val_synthetic,
+                       "referable_from": cfg.referable_from,
                        "problems": val.problems + [f"{s['source']}: {s['message']}" for s in val_in.skipped]},
         "scores": b.gate.scores,
         "labels": b.data.labels.tolist(),

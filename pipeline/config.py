@@ -25,6 +25,10 @@ class BuildConfig:
     calib: Path | None = None
     val: Path | None = None
     val_images: Path | None = None
+    # what the validation photos are, for the report's verdict header ("IDRiD test + HRF, real photographs");
+    # val_synthetic: True for synthetic pictures, False for real photographs, None when not said
+    val_description: str | None = None
+    val_synthetic: bool | None = None
     arch: str | None = None
     num_classes: int | None = None
     name: str | None = None

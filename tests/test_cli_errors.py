@@ -74,3 +74,29 @@ def test_version_and_exit_codes_in_help(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "exit codes:" in capsys.readouterr().out
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from fundus_edge.cli import make_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        out = []
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    out += walk(sub, f"{path} {name}")
+            elif not a.help:
+                out.append(f"{path}: {a.option_strings or a.dest}")
+        return out
+
+    assert walk(make_parser(), "fundus-edge") == []
+
+
+def test_artifact_ids_never_swallow_image_paths() -> None:
+    """`bench --artifact ID photo.jpg`: the photo stays an input (the old nargs='*' --artifacts took it)."""
+    from fundus_edge.cli import make_parser
+
+    args = make_parser().parse_args(["bench", "--bundle", "b", "--artifact", "onnx-int8", "photo.jpg"])
+    assert args.artifacts == ["onnx-int8"] and args.images == ["photo.jpg"]

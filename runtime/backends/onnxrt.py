@@ -44,6 +44,11 @@ class OnnxRuntimeBackend(Backend):
         if self.settings.allow_spinning is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning",
                                           "1" if self.settings.allow_spinning else "0")
+        # x86 without VNNI (AVX2, AVX-512 before VNNI) multiplies u8 x s8 with int16 pair sums that can saturate:
+        # results then differ from the exact int8 arithmetic of the device (ARM NEON) and of VNNI CPUs (measured
+        # here on an AVX2-only AMD EPYC: up to 11 output LSB against the emulated Pi 4). This makes onnxruntime use
+        # the exact u8u8 path on such CPUs only (no effect elsewhere), so the gate measures what the device computes.
+        opts.add_session_config_entry("session.x64quantprecision", "1")
         opts.log_severity_level = 3
         self.session_options = opts
         available = ort.get_available_providers()
