@@ -14,9 +14,9 @@ Typed at the top only (kept as JSON objects, checked to be objects keyed by arti
 ``export`` (the rich per-artifact reports), ``gate.criteria``, ``gate.quality``, each artifact's ``gate`` record
 and ``model.training``.
 
-Extension point for segmentation: add ``SegmentationMeaning`` (channels, activation, vessel channel, threshold),
-make ``OutputMeaning`` the union of the two, register it in ``_MEANING_BY_TASK``, extend ``Task``, and add the
-dense preprocessing spec (runtime/dense.py) as an optional ``Manifest`` field with a codec like PREPROCESSING.
+Segmentation (``task: "segmentation"``): ``output.meaning`` is a :class:`SegmentationMeaning` (``kind``
+"pixel-logits": channels, sigmoid, the vessel channel, the locked pixel threshold) and ``dense`` holds the dense
+preprocessing (runtime/dense.py) the device tiles photos with; ``preprocessing`` still drives the quality check.
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from ..errors import BundleError
+from ..runtime.dense import DensePreprocessSpec
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
 from ._codecs import PREPROCESSING, PRODUCER, QUALITY, Producer
-from ._typed import FIX, JsonObject, JsonRecord, dump, fail, parse, schema_of, spec
+from ._segmentation import DENSE, SegmentationMeaning
+from ._typed import FIX, Codec, JsonObject, JsonRecord, dump, fail, parse, schema_of, spec
 
 SCHEMA = "fundus-edge/bundle"
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-Task = Literal["classification"]
+Task = Literal["classification", "segmentation"]
 Layout = Literal["NCHW", "NHWC"]
 DType = Literal["float32", "int8", "uint8"]
 _ID = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -45,7 +47,7 @@ _HEX64 = r"[0-9a-f]{64}"
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Artifact", "ClassificationMeaning", "Compute", "Device", "FileEntry",
            "GateEntry", "GateSummary", "Manifest", "ModelInfo", "OperatingPoint", "OutputMeaning", "OutputSpec",
-           "PreprocessSpec", "Producer", "QualitySpec", "TensorSpec", "migrate_v1"]
+           "PreprocessSpec", "Producer", "QualitySpec", "SegmentationMeaning", "TensorSpec", "migrate_v1"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,8 +95,24 @@ class ClassificationMeaning(JsonRecord):
                  f"{'a sigmoid to one output' if n == 1 else 'a softmax to several outputs'}")
 
 
-OutputMeaning = ClassificationMeaning  # becomes ClassificationMeaning | SegmentationMeaning with segmentation
-_MEANING_BY_TASK: dict[str, type[Any]] = {"classification": ClassificationMeaning}
+OutputMeaning = ClassificationMeaning | SegmentationMeaning
+_MEANING_BY_TASK: dict[str, type[Any]] = {"classification": ClassificationMeaning, "segmentation": SegmentationMeaning}
+_MEANING_BY_KIND: dict[str, type[Any]] = {"logits": ClassificationMeaning, "pixel-logits": SegmentationMeaning}
+
+
+def _parse_meaning(v: Any, where: str) -> OutputMeaning:
+    if not isinstance(v, dict):
+        fail(where, "must be an object")
+    cls = _MEANING_BY_KIND.get(v.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        fail(f"{where}.kind", f"must be one of {sorted(_MEANING_BY_KIND)}, got {v.get('kind')!r}")
+    return parse(cls, v, where)
+
+
+_MEANING = Codec(_parse_meaning, dump, {"anyOf": [schema_of(ClassificationMeaning, {}),
+                                                  schema_of(SegmentationMeaning, {})]})
+
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +122,7 @@ class OutputSpec(JsonRecord):
     name: str = spec(min_len=1)
     shape: tuple[int | str, ...] = spec(min_len=1, ge=1)
     dtype: DType = spec()
-    meaning: OutputMeaning = spec()
+    meaning: OutputMeaning = spec(codec=_MEANING)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +225,7 @@ class Manifest(JsonRecord):
     input: TensorSpec = spec()
     output: OutputSpec = spec()
     preprocessing: PreprocessSpec = spec(codec=PREPROCESSING)
+    dense: DensePreprocessSpec | None = spec(default=None, codec=DENSE, doc="segmentation: the dense preprocessing")
     operating_point: OperatingPoint = spec()
     artifacts: tuple[Artifact, ...] = spec(min_len=1)
     default_artifact: str | None = spec(default=None)
@@ -303,6 +322,11 @@ class Manifest(JsonRecord):
                 fail(f"files.{rel}", "is not a plain relative path inside the bundle")
 
     def _check_shapes(self) -> None:
+        if self.task == "segmentation":
+            self._check_segmentation()
+            return
+        if not isinstance(self.output.meaning, ClassificationMeaning):
+            fail("output.meaning.kind", "must be 'logits' for a classification bundle")
         n_classes = len(self.output.meaning.class_names)
         if self.model.num_outputs != n_classes:
             fail("model.num_outputs", f"is {self.model.num_outputs}, but output.meaning names {n_classes} classes")
@@ -313,6 +337,20 @@ class Manifest(JsonRecord):
         if list(self.input.shape[1:]) != chw or self.input.layout != pre.layout:
             fail("input.shape", f"{list(self.input.shape)} ({self.input.layout}) does not match the preprocessing "
                  f"({pre.layout}, size {pre.size}): expected [batch, {', '.join(map(str, chw))}]")
+
+
+    def _check_segmentation(self) -> None:
+        meaning, dense = self.output.meaning, self.dense
+        if not isinstance(meaning, SegmentationMeaning):
+            fail("output.meaning.kind", "must be 'pixel-logits' for a segmentation bundle")
+        if dense is None:
+            fail("dense", "is missing: a segmentation bundle records its dense preprocessing")
+        if self.model.num_outputs != meaning.channels or len(self.output.shape) != 4 \
+                or self.output.shape[1] != meaning.channels:
+            fail("output.shape", f"{list(self.output.shape)} is not [batch, {meaning.channels}, H, W]")
+        if len(self.input.shape) != 4 or self.input.shape[1] != dense.channels:
+            fail("input.shape", f"{list(self.input.shape)} is not [batch, {dense.channels}, H, W] (dense "
+                 f"preprocessing colour {dense.color!r})")
 
 
 def migrate_v1(data: Mapping[str, Any]) -> dict[str, Any]:

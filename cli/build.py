@@ -21,7 +21,7 @@ def build_config(args: argparse.Namespace) -> Any:
                             n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin,
                             min_int8_mac_fraction=args.min_int8_macs)
     return BuildConfig(
-        model=args.model, out=args.out, calib=args.calib, val=args.val, val_images=args.val_images,
+        model=args.model, out=args.out, task=args.task, calib=args.calib, val=args.val, val_images=args.val_images,
         val_description=args.val_description,
         val_synthetic=args.val_synthetic,
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
@@ -73,10 +73,32 @@ def fallback_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def seg_summary(result: Any) -> str:
+    rep = result.report
+    ref, op = rep["reference"], rep["operating_point"]
+    lines = [f"reference {op['locked_on']}: pixel AUC {ref['auc']:.4f}, F1 {ref['f1']:.4f}, sensitivity "
+             f"{ref['sensitivity']:.4f}, specificity {ref['specificity']:.4f} at threshold {op['threshold']:.4f} "
+             f"({op['rule']})"]
+    for g in rep["gates"]:
+        lines.append(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), F1 {g['f1']:.4f} "
+                     f"(Δ {g['delta_f1']:+.4f}), min fp32-vs-int8 mask Dice {g['min_mask_dice']:.4f} -> "
+                     f"{'PASS' if g['passed'] else 'FAIL'}{'' if g['ships'] else ' (measured, not shipped)'}")
+    lines.append(f"segmentation gate: {'PASSED' if rep['gate_passed'] else 'FAILED'}; bundle: {result.out}")
+    return "\n".join(lines)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ..pipeline.build import run_build
 
     result = run_build(build_config(args))
+    if result.report.get("task") == "segmentation":
+        payload = {"bundle": str(result.out), "task": "segmentation",
+                   "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
+                   "gate_passed": result.gate_passed, "signed_by": result.signed_by,
+                   "reference": result.report["reference"], "gates": result.report["gates"],
+                   "operating_point": result.report["operating_point"]}
+        emit(args, payload, seg_summary(result))
+        return 0
     payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
                "gate_passed": result.gate_passed, "signed_by": result.signed_by,
                "reference": result.report["reference"],
@@ -106,10 +128,15 @@ def register(sub: Any) -> None:
     b = sub.add_parser("build", help="export, quantize, gate and bundle a model (needs the [export] extra)")
     b.add_argument("--model", required=True,
                    help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), or reference:NAME")
+    b.add_argument("--task", choices=["classification", "segmentation", "auto"], default="auto",
+                   help="classification (a referable-DR classifier, [N, C] logits), segmentation (a vessel model, "
+                        "[N, C, H, W] logits; --val is then a masks CSV image,mask[,fov]) or auto (default: the "
+                        "checkpoint's task, else the one its probed output fits)")
     b.add_argument("--arch", help="architecture for a state_dict: torchvision:NAME or fundus-edge:NAME")
     b.add_argument("--num-classes", type=int)
     b.add_argument("--calib", type=Path, required=True, help="folder of fundus images for int8 calibration")
-    b.add_argument("--val", type=Path, required=True, help="labels CSV (APTOS, EyePACS, IDRiD or path,label)")
+    b.add_argument("--val", type=Path, required=True,
+                   help="labels CSV (APTOS, EyePACS, IDRiD or path,label); segmentation: masks CSV image,mask[,fov]")
     b.add_argument("--val-images", type=Path, help="image folder for --val (default: next to the CSV)")
     b.add_argument("--val-description", metavar="TEXT",
                    help="what the validation photos are, for the report (e.g. 'IDRiD test, real photographs')")

@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.func(args)
+        from .segment import segmentation_command
+
+        code: int = (segmentation_command(args) or args.func)(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return code
     except FundusEdgeError as exc:

@@ -84,6 +84,9 @@ def register(sub: Any) -> None:
                    help="decode the next image while this one is inferred (auto: with 2+ images and 2+ cores); "
                         "the results are the same, in the same order")
     s.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    s.add_argument("--out-dir", type=Path, metavar="DIR",
+                   help="segmentation bundles: where each photo's NAME.vessels.png mask and NAME.overlay.png go "
+                        "(default ./fundus-edge-vessels)")
     _field_options(s)
     s.set_defaults(func=cmd_screen)
 

@@ -34,9 +34,19 @@ class OnnxExport:
                 "seconds": round(self.seconds, 2)}
 
 
+def _legacy_axes(dynamic_hw: bool, layout: str) -> dict[str, dict[int, str]]:
+    axes = {0: "batch"}
+    if dynamic_hw:
+        axes.update({2: "height", 3: "width"} if layout == "NCHW" else {1: "height", 2: "width"})
+    return {INPUT_NAME: axes, OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}}
+
+
 def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", exporter: str = "dynamo",
-                opset: int | None = None) -> OnnxExport:
+                opset: int | None = None, channels: int = 3, dynamic_hw: bool = False) -> OnnxExport:
     """Export ``module`` (eval mode) with a dynamic batch axis to a single self-contained .onnx file.
+
+    ``channels``: input channels (3 for classifiers; 1 for grey vessel models). ``dynamic_hw``: height and
+    width are dynamic too (dense models run on tiles or whole images of any multiple of their stride).
 
     A ``torch.export`` program (:class:`ExportedProgramModule`) is re-traced without its input guards, so that
     a program exported with a fixed batch still gives a file with a dynamic batch axis.
@@ -49,7 +59,7 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
     is_program = isinstance(module, ExportedProgramModule)
     module = module.exportable() if isinstance(module, ExportedProgramModule) else module.eval()
-    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    shape = (1, channels, size, size) if layout == "NCHW" else (1, size, size, channels)
     example = torch.zeros(shape, dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -63,9 +73,14 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
                 except ImportError as exc:
                     raise MissingDependencyError("onnxscript", "export", "The dynamo ONNX exporter") from exc
                 batch = torch.export.Dim("batch", min=1, max=1024)
+                dims: dict[int, Any] = {0: batch}
+                if dynamic_hw:  # sides are multiples of 16 (the U-Net's stride); 16 * 512 = 8192 px at most
+                    hw = (2, 3) if layout == "NCHW" else (1, 2)
+                    dims.update({hw[0]: 16 * torch.export.Dim("h16", min=1, max=512),
+                                 hw[1]: 16 * torch.export.Dim("w16", min=1, max=512)})
                 program = torch.onnx.export(
                     module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                    output_names=[OUTPUT_NAME], dynamic_shapes=(dims,),
                     opset_version=opset, optimize=True, verbose=False,
                 )
                 if program is None:
@@ -74,7 +89,7 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
             else:
                 torch.onnx.export(
                     module, (example,), str(out), dynamo=False, input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    output_names=[OUTPUT_NAME], dynamic_axes=_legacy_axes(dynamic_hw, layout),
                     opset_version=opset or 17,
                 )
     except (ExportError, MissingDependencyError):

@@ -68,6 +68,12 @@ def n_stages(n_formats: int, int8: bool) -> int:
 def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     """Run the whole build. Raises :class:`GateFailedError` when the gate fails (unless allowed)."""
     formats, signer = _check_request(cfg)
+    if cfg.task != "classification":
+        from .build_seg import route_task
+
+        routed = route_task(cfg, signer, log)
+        if routed is not None:
+            return routed
     int8 = "int8" in cfg.precisions
     progress = Progress(log or stderr_log, n_stages(len(formats), int8))
     model = load_model_stage(cfg, progress)

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..gate.gate import GateCriteria
+from ..gate.segmentation import SegmentationCriteria
 from ..quantization.fallback import FallbackBudget
+from ..runtime.dense import DensePreprocessSpec
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
 
@@ -18,6 +20,8 @@ FORMATS = ("onnx", "tflite")  # the default; every name must be in pipeline/form
 class BuildConfig:
     model: str  # path, or "reference:<name>"
     out: Path
+    # "classification", "segmentation", or "auto" (the checkpoint's task, else the probed output's; see task.py)
+    task: str = "classification"
     calib: Path | None = None
     val: Path | None = None
     val_images: Path | None = None
@@ -55,6 +59,8 @@ class BuildConfig:
     # Sign manifest.json with this Ed25519 private key (bundle/signing.py); the passphrase is never printed.
     sign_key: Path | None = None
     sign_key_passphrase: bytes | None = field(default=None, repr=False)
+    dense: DensePreprocessSpec | None = None  # segmentation: None = the checkpoint's (or the defaults)
+    seg_criteria: SegmentationCriteria | None = None  # segmentation gate (None: its defaults)
 
 
 @dataclass

@@ -63,7 +63,10 @@ def load_model_stage(cfg: BuildConfig, progress: Progress) -> ModelInfo:
                                  else PreprocessSpec())
     num_classes = loaded.num_classes or int(meta.get("num_classes", 0)) or None
     probe_shape = (1, 3, spec.size, spec.size) if spec.layout == "NCHW" else (1, spec.size, spec.size, 3)
-    n_out = torch_outputs(loaded.module, np.zeros(probe_shape, np.float32)).shape[-1]
+    from ..export.contract import check_output
+
+    probed = torch_outputs(loaded.module, np.zeros(probe_shape, np.float32))
+    n_out = check_output(probed.shape, "classification", probe_shape, spec.layout).num_outputs
     if num_classes and num_classes != n_out:
         raise UsageError(f"--num-classes {num_classes} but the model outputs {n_out} values")
     class_names = cfg.class_names or meta.get("class_names") or _default_class_names(n_out)

@@ -207,6 +207,9 @@ def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, f
     ``quality``: replaces the bundle's quality spec (e.g. to measure without the gate: ``enabled=False``).
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if b.spec.task != "classification":
+        raise UsageError(f"bundle {b.bundle_id} is a {b.spec.task} bundle: load it with "
+                         "fundus_edge.runtime.segment.load_segmenter (the CLI's screen does)")
     art, note = pick_artifact(b, artifact, fmt, precision)
     backend = create_backend(art.format, b.path(art), settings)
     backend.activate()

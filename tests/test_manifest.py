@@ -136,7 +136,7 @@ MALFORMED: dict[str, tuple[Edit, str]] = {
     "unknown-schema": (_set("schema", "fundus-edge/other"), "schema"),
     "unknown-schema-version": (_set("schema_version", 3), "schema version 3"),
     "schema-version-string": (_set("schema_version", "2"), "schema version '2'"),
-    "unknown-task": (_set("task", "segmentation"), "task"),
+    "unknown-task": (_set("task", "detection"), "task"),
     "missing-operating-point": (_set("operating_point", _DELETE), "operating_point"),
     "missing-producer-python": (_set("producer/python", _DELETE), "producer.python"),
     "missing-artifact-format": (_set(f"{_ART}/format", _DELETE), "artifacts[0].format"),

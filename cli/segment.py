@@ -1,0 +1,127 @@
+"""Segmentation bundles on the command line: ``screen`` (vessel mask + overlay PNGs and biomarkers per photo),
+``info`` and ``check`` (re-gate on a masks CSV). Commands that do not support them yet say so (no traceback).
+
+``screen --out-dir DIR`` (default ``./fundus-edge-vessels``): ``<photo stem>.vessels.png`` (binary mask, photo
+pixels) and ``<photo stem>.overlay.png`` (vessels tinted on the photo) per photo. Torch-free."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError, UsageError
+from .output import emit
+
+DEFAULT_OUT_DIR = Path("fundus-edge-vessels")
+SUPPORTED = ("screen", "info", "check", "quality", "keys")
+
+
+def bundle_task(bundle: Path) -> str | None:
+    """The ``task`` a bundle's manifest declares (unverified: only to route the command), or None."""
+    try:
+        data = json.loads((Path(bundle) / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):  # the command's own bundle reader reports these
+        return None
+    task = data.get("task") if isinstance(data, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def segmentation_command(args: argparse.Namespace) -> Callable[[argparse.Namespace], int] | None:
+    """The handler of ``args`` for a segmentation bundle (None: not one, or the command handles it itself).
+    Raises :class:`UsageError` for commands that do not support segmentation bundles yet."""
+    bundle = getattr(args, "bundle", None)
+    if bundle is None or bundle_task(bundle) != "segmentation":
+        return None
+    handlers = {"screen": cmd_screen_seg, "info": cmd_info_seg, "check": cmd_check_seg}
+    if args.command in handlers:
+        return handlers[args.command]
+    if args.command in SUPPORTED:
+        return None
+    raise UsageError(f"'{args.command}' does not support segmentation bundles yet ({bundle} is a vessel "
+                     "segmentation bundle); 'screen', 'info' and 'check' do")
+
+
+def _screen_line(r: dict[str, Any]) -> str:
+    if not r["ok"]:
+        return f"{r['source']}: ERROR {r['error']['message']}"
+    if r.get("decision") == "ungradable":
+        return f"{r['source']}: ungradable ({'; '.join(r['quality'].get('reasons', []))})"
+    b = r["biomarkers"]
+    return (f"{r['source']}: vessel density {b['density']:.4f}, fractal dimension {b['fractal_dimension']:.3f} "
+            f"(r2 {b['fractal_r2']:.3f}); mask {r['mask']}, overlay {r['overlay']}")
+
+
+def cmd_screen_seg(args: argparse.Namespace) -> int:
+    from ..runtime.backends import BackendSettings
+    from ..runtime.screen import expand_inputs
+    from ..runtime.segment import load_segmenter
+    from .field import wants_field
+
+    if wants_field(args):
+        raise UsageError("the result store, watch mode and patient fields do not take segmentation bundles yet: "
+                         "screen the photos without --store/--watch (results go to --json and --out-dir)")
+    if not args.inputs:
+        raise UsageError("give image files or directories to segment")
+    sources = expand_inputs(args.inputs)
+    out_dir = args.out_dir or DEFAULT_OUT_DIR
+    with load_segmenter(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
+                        settings=BackendSettings(threads=1 if args.threads is None else args.threads)) as seg:
+        results = [seg.segment(s, out_dir).to_dict() for s in sources]
+        head = f"bundle {seg.bundle.bundle_id}, artifact {seg.artifact.id} ({seg.backend.name}), segmentation"
+        ids = {"bundle_id": seg.bundle.bundle_id, "artifact": seg.artifact.id, "backend": seg.backend.name}
+    n_err = sum(not r["ok"] for r in results)
+    summary = {"n": len(results), "segmented": sum(r.get("decision") == "segmented" for r in results),
+               "ungradable": sum(r.get("decision") == "ungradable" for r in results), "errors": n_err}
+    payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary}
+    lines = [head, *map(_screen_line, results), f"{summary['segmented']} segmented, {summary['ungradable']} "
+             f"ungradable, {n_err} errors; masks and overlays in {out_dir}"]
+    emit(args, payload, "\n".join(lines))
+    return ImageError.exit_code if n_err else 0
+
+
+def cmd_info_seg(args: argparse.Namespace) -> int:
+    from ..bundle.read import load_bundle
+
+    b = load_bundle(args.bundle)
+    m, spec = b.manifest, b.spec
+    dense = spec.dense
+    assert dense is not None  # the manifest's checks guarantee it for a segmentation bundle
+    lines = [f"bundle {b.bundle_id} (schema {m['schema_version']}, task segmentation), created {m.get('created')},"
+             f" all {len(m['files'])} files verified",
+             f"model: {m['model'].get('arch')} channels {b.class_names}; output {m['output']['shape']} pixel logits",
+             f"dense preprocessing: FOV {dense.fov_diameter} px across, {dense.color}, CLAHE {dense.clahe}, tiles "
+             f"{dense.tile} (overlap {dense.overlap})",
+             f"vessel threshold: {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
+             f"gate: {'passed' if m['gate']['passed'] else 'FAILED'}"]
+    for a in b.artifacts:
+        mark = " (default)" if a.id == m.get("default_artifact") else ""
+        lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout} {a.io_dtype} I/O{mark}")
+    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", "manifest": m, "verified": True},
+         "\n".join(lines))
+    return 0
+
+
+def cmd_check_seg(args: argparse.Namespace) -> int:
+    from ..bundle.read import load_bundle
+    from ..datasets.masks import read_masks_csv
+    from ..gate.segmentation import SegmentationCriteria, evaluate, judge, report_md
+    from .choices import backend_settings
+
+    b = load_bundle(args.bundle)
+    assert b.spec.dense is not None and b.spec.gate is not None
+    ids = args.artifacts or [a.id for a in b.artifacts]
+    reference = b.spec.operating_point.locked_on or ids[0]
+    if reference not in ids:
+        ids = [reference, *ids]
+    onnx = [i for i in ids if b.artifact(i).format == "onnx"]
+    if len(onnx) != len(ids):
+        raise UsageError("check re-gates the ONNX artifacts of a segmentation bundle; give --artifacts of those")
+    crit = {k: v for k, v in b.spec.gate.criteria.items() if k != "kind"}
+    evals = evaluate({i: b.path(b.artifact(i)) for i in ids}, read_masks_csv(args.val), b.spec.dense,
+                     backend_settings(args))
+    gate = judge(evals, reference, b.operating_point.threshold, SegmentationCriteria(**crit))
+    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", **gate}, report_md(gate).strip())
+    return 0 if gate["passed"] else 8
