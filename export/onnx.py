@@ -28,10 +28,11 @@ class OnnxExport:
     exporter: str
     opset: int
     seconds: float
+    fixed_batch: int | None = None  # 1 when the graph fixes its batch (fine: the runtime feeds one image at a time)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path.name, "exporter": self.exporter, "opset": self.opset,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "fixed_batch": self.fixed_batch}
 
 
 def _legacy_axes(dynamic_hw: bool, layout: str) -> dict[str, dict[int, str]]:
@@ -104,10 +105,11 @@ def export_onnx(module: nn.Module, out: Path, size: int, layout: str = "NCHW", e
     except Exception as exc:
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if batch_dim.HasField("dim_value"):
+    fixed = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
+    if fixed is not None and fixed != 1:
         raise ExportError(
-            f"the exported ONNX model has a fixed batch of {batch_dim.dim_value} (the model's code fixes it, "
-            "e.g. x.view(1, -1) or a reshape to a constant shape); fundus-edge needs a dynamic batch axis: use "
-            "x.flatten(1) / x.view(x.shape[0], -1)" + (" or try --exporter legacy" if exporter == "dynamo" else ""))
+            f"the exported ONNX model has a fixed batch of {fixed} (the model's code fixes it, e.g. x.view({fixed}, "
+            "-1) or a reshape to a constant shape); the runtime feeds one image at a time: use x.flatten(1) / "
+            "x.view(x.shape[0], -1)" + (" or try --exporter legacy" if exporter == "dynamo" else ""))
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return OnnxExport(out, exporter, int(opset_used), time.perf_counter() - t0)
+    return OnnxExport(out, exporter, int(opset_used), time.perf_counter() - t0, fixed)
