@@ -18,7 +18,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     result = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
                        referable_from=args.referable_from, artifacts=args.artifacts)
     emit(args, result.to_dict(), format_check(result))
-    return 0 if result.passed else 8
+    return {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(result.verdict, 8)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
