@@ -164,7 +164,7 @@ class GateSummary(JsonRecord):
     passed: bool = spec()
     verdict: str | None = spec(default=None, doc="PASS | FAIL | INSUFFICIENT EVIDENCE (gate/verdict.py)")
     allow_failed_gate: bool = spec()
-    allow_insufficient_evidence: bool = spec(default=False)
+    allow_insufficient_evidence: bool | None = spec(default=None)
     criteria: JsonObject = spec()
     n_validation: int = spec(ge=0)
     summary: Mapping[str, GateEntry] = spec()

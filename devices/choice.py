@@ -36,7 +36,7 @@ def _verdicts(manifest: Manifest | Mapping[str, Any] | None) -> tuple[Mapping[st
     if isinstance(manifest, Manifest):
         summary = manifest.gate.summary if manifest.gate is not None else {}
         # INSUFFICIENT EVIDENCE (no harm seen, margins not shown) counts only when the publisher allowed it
-        allowed = manifest.gate is not None and manifest.gate.allow_insufficient_evidence
+        allowed = manifest.gate is not None and bool(manifest.gate.allow_insufficient_evidence)
         return {aid: g.passed or (allowed and g.verdict == "INSUFFICIENT EVIDENCE") for aid, g in summary.items()}, \
             manifest.default_artifact
     if manifest and "schema" in manifest:  # transition: cli/main.py still passes the JSON form (bundle.manifest)

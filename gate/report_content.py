@@ -55,8 +55,8 @@ def verdict(report: dict[str, Any]) -> Verdict:
     for g in gates:
         ni = g.get("noninferiority")
         if ni:
-            sure.append(f"{g['artifact']} ΔAUC {ni['delta_auc']:+.4f} ({ni.get('level', 0.95):.0%} CI {ni['delta_auc_ci'][0]:+.4f} to "
-                        f"{ni['delta_auc_ci'][1]:+.4f})")
+            sure.append(f"{g['artifact']} ΔAUC {ni['delta_auc']:+.4f} ({ni.get('level', 0.95):.0%} CI "
+                        f"{ni['delta_auc_ci'][0]:+.4f} to {ni['delta_auc_ci'][1]:+.4f})")
     lines.append("How sure: " + "; ".join(sure) + ".")
     if certification_line(report):
         lines.append(certification_line(report))
@@ -127,7 +127,7 @@ def noninferiority_section(report: dict[str, Any]) -> Section | None:
         return None
     level = next((g["noninferiority"].get("level", 0.95) for g in report["gates"] if g.get("noninferiority")), 0.95)
     return Section(f"Non-inferiority (paired bootstrap, two-sided {level:.0%} CI)", [
-        Table(("artifact", "ΔAUC (95 % CI)", "Δsensitivity (95 % CI)"), rows),
+        Table(("artifact", "ΔAUC (CI)", "Δsensitivity (CI)"), rows),
         Para("Differences are candidate minus reference on the same images; an interval that stays above the "
              "margin shows the int8 file is not worse by more than that margin."),
     ])

@@ -128,6 +128,8 @@ def describe(f: Finding) -> str:
     if f.name == "flip_rate":
         s = (f"{round(f.estimate * f.n)} decisions flipped ({f.estimate:.2%}; upper bound {f.bound:.2%}, limit "
              f"{f.margin:.2%}, n {f.n})")
+    elif f.verdict == FAIL:
+        s = f"{what[1:]} dropped {f.estimate:+.4f} (limit {f.margin:+.4f}; lower bound {f.bound:+.4f}, n {f.n})"
     else:
         s = f"{what} {f.estimate:+.4f} (lower bound {f.bound:+.4f}, margin {f.margin:+.4f}, n {f.n})"
     if f.verdict == INSUFFICIENT:
