@@ -16,7 +16,6 @@ import pytest
 from fundus_edge.gate.gate import GateCriteria, evaluate, gate
 from fundus_edge.gate.report import render_html, render_markdown, write_reports
 
-
 # margins that 150 images can show (the defaults cannot: docs/gate.md); make_report(criteria=GateCriteria(...))
 WIDE = GateCriteria(n_boot=200, min_delta_auc=-0.02, min_delta_sensitivity=-0.1, min_delta_specificity=-0.1,
                     max_flip_rate=0.06)
