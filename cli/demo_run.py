@@ -33,7 +33,7 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
     log("== build: reference:dr-resnet18s -> ONNX + TFLite, fp32 + int8 -> clinical gate -> bundle")
     result = run_build(BuildConfig(model="reference:dr-resnet18s", out=out / "bundle", calib=calib_csv.parent,
                                    val=val_csv, name="dr-resnet18s", parity_images=[Path(s) for s in sample_files],
-                                   force=force), log=log)
+                                   force=force, allow_insufficient_evidence=True), log=log)
     broken = out / "data" / "not-a-photo.jpg"
     broken.write_bytes(b"this is not a JPEG")
     synth_examples = sorted((out / "data" / "val").glob("*.jpg"))[:3]
@@ -62,7 +62,8 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
                                                log))
     if json_out:
         print(json.dumps({"bundle": str(out / "bundle"), "bundle_id": screener.bundle.bundle_id,
-                          "gate_passed": result.gate_passed, "reference": result.report["reference"],
+                          "gate_passed": result.gate_passed, "verdict": result.report["verdict"],
+                          "images": result.report["images"], "reference": result.report["reference"],
                           "gates": result.report["gates"], "results": [r.to_dict() for r in results],
                           **({"tflite": {**tflite, "results": [r.to_dict() for r in tflite["results"]]}}
                              if tflite else {}),
@@ -84,8 +85,10 @@ def run_demo(out: Path, samples: Path | None = None, json_out: bool = False, for
         for rep in fragile_reps:
             print("\n".join(rep["summary"]))
     # the ViT must pass through its fallback; the MobileNetV3 part shows what happens, whichever way it goes
-    fragile_ok = all(r["gate_passed"] for r in fragile_reps if r["required"])
-    return 0 if result.gate_passed and fragile_ok else 8
+    # the demo's 300 synthetic validation images cannot show the default margins: it builds with
+    # allow_insufficient_evidence, and fails only on a FAIL verdict (harm observed)
+    fragile_ok = all(r.get("verdict", "FAIL") != "FAIL" for r in fragile_reps if r["required"])
+    return 0 if result.report["verdict"] != "FAIL" and fragile_ok else 8
 
 
 # (reference model, formats, what it shows). The MobileNetV3 is built for ONNX only: its TFLite fallback did not
@@ -112,7 +115,7 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     bundle = out / f"bundle-{name}"
     try:
         result = run_build(BuildConfig(model=f"reference:{name}", out=bundle, calib=calib, val=val_csv, name=name,
-                                       force=force, formats=formats), log=log)
+                                       force=force, formats=formats, allow_insufficient_evidence=True), log=log)
     except GateFailedError as exc:
         summary.append(f"  clinical gate FAILED even with the fallback (no bundle written): {exc}")
         return {"model": name, "required": required, "gate_passed": False, "error": str(exc), "summary": summary}
@@ -122,6 +125,8 @@ def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, ca
     summary.append("  held-out re-check (the fallback chose its files on the validation set; these images are new):")
     summary += ["    " + line for line in format_check(check).splitlines()]
     return {"model": name, "required": required, "gate_passed": result.gate_passed, "bundle": str(bundle),
-            "gates": result.report["gates"], "heldout_passed": check.passed,
+            "verdict": result.report["verdict"], "images": result.report["images"],
+            "gates": result.report["gates"], "heldout_passed": check.passed, "heldout_verdict": check.verdict,
+            "heldout_drift": [d.to_dict() for d in check.drift],
             "fallback": {k: v.get("fallback") for k, v in result.report["quantization"].items()},
             "summary": summary}

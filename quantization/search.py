@@ -58,6 +58,7 @@ class FallbackStep:
     int8_mac_fraction: float
     failures: list[str]
     seconds: float
+    n_images: int = 0  # the images it was gated on: all for plain int8, the search part for a candidate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +185,8 @@ class _Search:
     def record(self, excluded: list[str], q: QuantOutcome, g: GateResult, t0: float) -> None:
         step = len(self.steps)
         self.steps.append(FallbackStep(step, list(excluded), g.acceptable, g.delta_auc, g.delta_sensitivity, g.flips,
-                                       q.int8_mac_fraction, list(g.failures), time.perf_counter() - t0))
+                                       q.int8_mac_fraction, list(g.failures), time.perf_counter() - t0,
+                                       g.candidate_eval.n))
         self.log(f"      step {step}: {len(excluded)} kept in float, int8 MACs {q.int8_mac_fraction:.1%}, "
                  f"ΔAUC {g.delta_auc:+.4f}, Δsens {g.delta_sensitivity:+.4f}, flips {g.flips} -> "
                  f"{'no harm observed' if g.acceptable else 'fail'}")

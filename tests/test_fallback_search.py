@@ -104,6 +104,24 @@ def test_search_keeps_the_sensitive_nodes_and_bisects_to_the_shortest_passing_se
     assert json.loads(Path(str(args["out"])).read_text()) == sorted(res.excluded)  # the chosen file is the one written
 
 
+def test_candidates_are_selected_on_the_search_part_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Plain int8 is gated on every image; the search's candidates only on the search part of a stratified split,
+    so that the disjoint certification part can certify the pick without selection bias (docs/gate.md)."""
+    from fundus_edge.gate.evidence import stratified_split
+
+    strengths = {n: (0.8 if n in ("n3", "n7", "n5") else 0.002) for n in NODES}
+    args = _setup(monkeypatch, tmp_path, strengths)
+    x, labels, positive, ref, t = args["gate"]  # type: ignore[misc]
+    search, certify = stratified_split(labels, seed=0)
+    spec = GateSpec(x, labels, positive, ref, t, GateCriteria(n_boot=20), search=search)
+    res = search_fallback(args["target"], args["out"], args["tuning_pool"], spec,  # type: ignore[arg-type]
+                          FallbackBudget(tuning_images=200))
+    assert res.steps[0].n_images == len(labels) and not res.steps[0].passed
+    assert all(s.n_images == len(search) for s in res.steps[1:]) and len(res.steps) > 1
+    assert res.gate.certification == {"images": "search part", "n": len(search)}
+    assert len(search) + len(certify) == len(labels) and not set(search) & set(certify)
+
+
 def test_a_passing_but_mostly_float_candidate_fails_the_int8_floor(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
     strengths = {n: 0.6 for n in NODES}  # every node matters: only (almost) all-float passes
