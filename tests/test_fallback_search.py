@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,9 +112,10 @@ def test_candidates_are_selected_on_the_search_part_only(monkeypatch: pytest.Mon
 
     strengths = {n: (0.8 if n in ("n3", "n7", "n5") else 0.002) for n in NODES}
     args = _setup(monkeypatch, tmp_path, strengths)
-    x, labels, positive, ref, t = args["gate"]  # type: ignore[misc]
+    gate_args: tuple[Any, ...] = args["gate"]  # type: ignore[assignment]
+    labels: np.ndarray = gate_args[1]
     search, certify = stratified_split(labels, seed=0)
-    spec = GateSpec(x, labels, positive, ref, t, GateCriteria(n_boot=20), search=search)
+    spec = GateSpec(*gate_args, criteria=GateCriteria(n_boot=20), search=search)  # type: ignore[misc]
     res = search_fallback(args["target"], args["out"], args["tuning_pool"], spec,  # type: ignore[arg-type]
                           FallbackBudget(tuning_images=200))
     assert res.steps[0].n_images == len(labels) and not res.steps[0].passed

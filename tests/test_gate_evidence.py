@@ -74,7 +74,8 @@ def test_a_degraded_candidate_fails_and_an_identical_one_passes_on_many_images()
     bad = gate("noisy", y, s, np.clip(s + rng.normal(0, 0.15, len(s)), 0, 1), t, GateCriteria(n_boot=200))
     assert bad.verdict == FAIL and any("flipped" in f for f in bad.failures)
     same = gate("same", y, s, s.copy(), t, GateCriteria(n_boot=200))
-    assert same.verdict == PASS and same and all(f.verdict == PASS for f in same.evidence.findings)
+    assert same.verdict == PASS and same and same.evidence is not None
+    assert all(f.verdict == PASS for f in same.evidence.findings)
 
 
 def test_flips_are_split_by_the_fp32_uncertainty_band() -> None:
