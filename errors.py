@@ -113,6 +113,14 @@ class GateFailedError(FundusEdgeError):
     code = "gate-failed"
 
 
+class GateInsufficientEvidenceError(FundusEdgeError):
+    """The gate saw no harm, but its confidence bounds could not show the margins on this many images (INSUFFICIENT
+    EVIDENCE); no bundle was written unless explicitly allowed. The message says how many images would."""
+
+    exit_code = 15
+    code = "gate-insufficient-evidence"
+
+
 class ParityError(FundusEdgeError):
     """Two runners of the same model disagree beyond tolerance (``compare``; x86 vs an emulated device)."""
 

@@ -169,6 +169,7 @@ class GateEntry(JsonRecord):
     """One candidate artifact's verdict against the reference."""
 
     passed: bool = spec()
+    verdict: str | None = spec(default=None, doc="PASS | FAIL | INSUFFICIENT EVIDENCE (gate/verdict.py)")
     delta_auc: float | None = spec()
     delta_sensitivity: float | None = spec()
     flips: int = spec(ge=0)
@@ -179,7 +180,9 @@ class GateSummary(JsonRecord):
     """The clinical accuracy gate: its criteria, validation size and each candidate's verdict."""
 
     passed: bool = spec()
+    verdict: str | None = spec(default=None, doc="PASS | FAIL | INSUFFICIENT EVIDENCE (gate/verdict.py)")
     allow_failed_gate: bool = spec()
+    allow_insufficient_evidence: bool | None = spec(default=None)
     criteria: JsonObject = spec()
     n_validation: int = spec(ge=0)
     summary: Mapping[str, GateEntry] = spec()

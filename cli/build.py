@@ -19,7 +19,8 @@ def build_config(args: argparse.Namespace) -> Any:
     criteria = GateCriteria(min_delta_auc=args.min_delta_auc, min_delta_sensitivity=args.min_delta_sensitivity,
                             max_flip_rate=args.max_flip_rate, operating_point=args.operating_point,
                             n_boot=args.n_boot, noninferiority_margin=args.noninferiority_margin,
-                            min_int8_mac_fraction=args.min_int8_macs)
+                            min_int8_mac_fraction=args.min_int8_macs,
+                            min_delta_specificity=args.min_delta_specificity, confidence=args.confidence)
     return BuildConfig(
         model=args.model, out=args.out, task=args.task, calib=args.calib, val=args.val, val_images=args.val_images,
         val_description=args.val_description,
@@ -27,7 +28,8 @@ def build_config(args: argparse.Namespace) -> Any:
         arch=args.arch, num_classes=args.num_classes, name=args.name, referable_from=args.referable_from,
         calib_size=args.calib_size, exporter=args.exporter, export_atol=args.export_atol,
         parity_images=[Path(p) for p in args.parity_images], criteria=criteria,
-        allow_failed_gate=args.allow_failed_gate, force=args.force, threads=args.threads,
+        allow_failed_gate=args.allow_failed_gate, allow_insufficient_evidence=args.allow_insufficient_evidence,
+        force=args.force, threads=args.threads,
         precisions=tuple(args.precisions.split(",")), calibrator=args.calibrator,
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
@@ -50,9 +52,11 @@ def build_summary(result: Any) -> str:
     for g in rep["gates"]:
         lines.append(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), sensitivity "
                      f"{g['sensitivity']:.4f} (Δ {g['delta_sensitivity']:+.4f}), specificity {g['specificity']:.4f},"
-                     f" flips {g['flips']}/{ref['n']} -> {'PASS' if g['passed'] else 'FAIL'}")
+                     f" flips {g['flips']}/{g['certification']['n']} -> {g['verdict']} (certified on "
+                     f"{g['certification']['images']}, n {g['certification']['n']})")
+        lines += [f"  not shown: {m}" for m in g["insufficient"]]
     lines += fallback_lines(rep)
-    lines.append(f"clinical gate: {'PASSED' if rep['gate_passed'] else 'FAILED'}; bundle: {result.out}")
+    lines.append(f"clinical gate: {rep['verdict']}; bundle: {result.out}")
     return "\n".join(lines)
 
 
@@ -100,7 +104,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         emit(args, payload, seg_summary(result))
         return 0
     payload = {"bundle": str(result.out), "bundle_id": result.manifest["bundle_id"] if result.manifest else None,
-               "gate_passed": result.gate_passed, "signed_by": result.signed_by,
+               "gate_passed": result.gate_passed, "verdict": result.report["verdict"],
+               "signed_by": result.signed_by, "images": result.report["images"],
                "reference": result.report["reference"],
                "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
     emit(args, payload, build_summary(result))
@@ -112,6 +117,10 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-delta-auc", type=float, default=-0.005)
     g.add_argument("--min-delta-sensitivity", type=float, default=-0.01)
     g.add_argument("--max-flip-rate", type=float, default=0.01)
+    g.add_argument("--min-delta-specificity", type=float, default=-0.02,
+                   help="Δspecificity margin (default -0.02): below it FAILs; its lower bound above it is needed")
+    g.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence of the bounds behind the verdict (default 0.95; see docs/gate.md)")
     g.add_argument("--operating-point", default="sensitivity>=0.90",
                    help="'sensitivity>=X' (default 0.90) or 'youden'; locked on the first format's fp32 file")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC CIs")
@@ -122,6 +131,9 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
                         "fallback may not turn it into an fp32 model); 0 accepts any (still flagged in the report)")
     g.add_argument("--allow-failed-gate", action="store_true",
                    help="write the bundle even if the gate fails (the manifest records the failure)")
+    g.add_argument("--allow-insufficient-evidence", action="store_true",
+                   help="write the bundle when no harm was seen but the bounds could not show the margins "
+                        "(verdict INSUFFICIENT EVIDENCE, exit 15 otherwise); the manifest records it")
 
 
 def register(sub: Any) -> None:

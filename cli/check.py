@@ -18,7 +18,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     result = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
                        referable_from=args.referable_from, artifacts=args.artifacts)
     emit(args, result.to_dict(), format_check(result))
-    return 0 if result.passed else 8
+    return {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(result.verdict, 8)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -31,8 +31,9 @@ def cmd_info(args: argparse.Namespace) -> int:
              f"model: {m['model'].get('arch')} classes {b.class_names}, referable {b.positive_classes}",
              f"input: {m['input']['shape']} {m['input']['layout']}; preprocessing size {b.preprocessing.size}",
              f"operating point: threshold {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
-             f"gate: {'passed' if m['gate']['passed'] else 'FAILED'}"
-             + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")]
+             f"gate: {m['gate'].get('verdict') or ('PASS' if m['gate']['passed'] else 'FAIL')}"
+             + (" (built with --allow-failed-gate)" if m["gate"].get("allow_failed_gate") else "")
+             + (" (built with --allow-insufficient-evidence)" if m["gate"].get("allow_insufficient_evidence") else "")]
     for a in b.artifacts:
         mark = " (default)" if a.id == m.get("default_artifact") else ""
         lines.append(f"  {a.id:<11} {a.path:<18} {a.format}/{a.precision} {a.layout} {a.io_dtype} I/O{mark}")

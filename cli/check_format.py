@@ -37,11 +37,19 @@ def format_check(result: CheckResult) -> str:
                      f"{e.sensitivity:.4f}  specificity {e.specificity:.4f}")
     for g in r.gates:
         lines.append(f"  gate {g.artifact} vs {g.reference}: ΔAUC {g.delta_auc:+.4f}, Δsens "
-                     f"{g.delta_sensitivity:+.4f}, flips {g.flips} -> "
-                     f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
+                     f"{g.delta_sensitivity:+.4f}, Δspec {g.delta_specificity:+.4f}, flips {g.flips} -> {g.verdict}")
+        lines += [f"    FAIL: {m}" for m in g.failures] + [f"    not shown: {m}" for m in g.insufficient]
+        if g.evidence is not None:
+            ev = g.evidence
+            lines.append(f"    flips inside the fp32 uncertainty band ({ev.band[0]:.4f}-{ev.band[1]:.4f}): "
+                         f"{ev.flips_in_band}, outside: {ev.flips_outside_band}; bounds one-sided {ev.confidence:.0%}")
+    for d in r.drift:
+        est = "-" if d.estimate is None else f"{d.estimate:.4f}"
+        lines.append(f"  operating point {d.artifact:<11} {d.metric} {est} (95% CI {d.ci[0]:.3f}-{d.ci[1]:.3f}, "
+                     f"n {d.n}) vs target {d.target:.4f} -> {d.status}")
     if not r.gated:
         lines.append(f"  no {r.reference} artifact in this bundle: absolute metrics only, no relative gate")
     if r.quality is not None:
         lines += _quality_lines(r.quality, r.n)
-    lines.append(f"check: {'PASSED' if r.passed else 'FAILED'}")
+    lines.append(f"check: {r.verdict}" + ("; operating point DRIFT (see above)" if r.drifted else ""))
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def build_real(out: Path, data: RealData, force: bool, log: Callable[[str], None
         f"{data.description()}")
     return run_build(BuildConfig(model=f"reference:{REAL_MODEL}", out=out / "bundle", calib=data.calib,
                                  val=data.val_csv, referable_from=1, name=REAL_MODEL, force=force,
-                                 val_description=data.description(), val_synthetic=False), log=log)
+                                 val_description=data.description(), val_synthetic=False,
+                                 allow_insufficient_evidence=True), log=log)
 
 
 def hrf_agreement(results: list[Any], photos: list[Photo]) -> dict[str, dict[str, int]]:

@@ -50,6 +50,7 @@ def run_demo(out: Path, data_root: Path | None = None, json_out: bool = False, f
     if json_out:
         print(json.dumps({"bundle": str(out / "bundle"), "bundle_id": screener.bundle.bundle_id,
                           "validation": data.description(), "gate_passed": result.gate_passed,
+                          "verdict": result.report["verdict"],
                           "reference": result.report["reference"], "gates": result.report["gates"],
                           "results": [r.to_dict() for r in results], "hrf_agreement": table,
                           "vessels": vessels,
@@ -59,9 +60,9 @@ def run_demo(out: Path, data_root: Path | None = None, json_out: bool = False, f
     else:
         _print_text(out, data, result, screener, results, table, tflite, fragile_reps)
         print("\n".join(vessel_lines(vessels)))
-    # the ViT must pass through its fallback; the MobileNetV3 part shows what happens, whichever way it goes
-    fragile_ok = all(r["gate_passed"] for r in fragile_reps if r["required"])
-    return 0 if result.gate_passed and vessels["gate_passed"] and fragile_ok else 8
+    # the real bundle must not FAIL (INSUFFICIENT EVIDENCE is allowed and reported: n=148 cannot show the default
+    # margins); the synthetic PTQ-fragile part shows what the gate says, whichever verdict that is
+    return 0 if result.report["verdict"] != "FAIL" and vessels["gate_passed"] else 8
 
 
 def vessel_lines(v: dict[str, Any]) -> list[str]:
@@ -136,30 +137,31 @@ FRAGILE = (
 
 def _fragile_model(out: Path, name: str, formats: tuple[str, ...], note: str, calib: Path, val_csv: Path,
                    held_csv: Path, force: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """A PTQ-fragile reference through the same gate with the accuracy-aware fallback. The fallback picks among
-    candidates on the validation set, so its pick is re-checked on held-out images it never saw."""
+    """A PTQ-fragile reference through the same gate with the accuracy-aware fallback: the search picks on one half
+    of the validation set and the other half certifies; the pick is also re-checked on held-out images."""
     from ..errors import GateFailedError
     from ..pipeline.check import run_check
     from .check_format import format_check
 
-    required = name == "dr-vit-tiny"
     log(f"== build: reference:{name} ({', '.join(formats)}) -> the same gate, accuracy-aware fallback on")
-    summary = ["", f"PTQ-fragile reference model {name}: {note}"]
+    summary = ["", f"PTQ-fragile reference model {name} (SYNTHETIC images): {note}"]
     bundle = out / f"bundle-{name}"
     try:
         result = run_build(BuildConfig(model=f"reference:{name}", out=bundle, calib=calib, val=val_csv, name=name,
                                        force=force, formats=formats, val_synthetic=True,
-                                       val_description="synthetic images (pipeline testing only)"),
-                           log=log)
+                                       val_description="synthetic images (pipeline testing only)",
+                                       allow_insufficient_evidence=True), log=log)
     except GateFailedError as exc:
-        summary.append(f"  clinical gate FAILED even with the fallback (no bundle written): {exc}")
-        return {"model": name, "required": required, "gate_passed": False, "error": str(exc), "summary": summary}
+        summary.append(f"  clinical gate: {exc}")
+        return {"model": name, "gate_passed": False, "verdict": "FAIL", "error": str(exc), "summary": summary}
     summary += ["  " + line for line in build_summary(result).splitlines()]
     log(f"== held-out re-check of {name}: {held_csv.parent} (new synthetic images, seed 13)")
     check = run_check(bundle, held_csv)
-    summary.append("  held-out re-check (the fallback chose its files on the validation set; these images are new):")
+    summary.append("  held-out re-check (images neither the search nor the certification saw):")
     summary += ["    " + line for line in format_check(check).splitlines()]
-    return {"model": name, "required": required, "gate_passed": result.gate_passed, "bundle": str(bundle),
-            "gates": result.report["gates"], "heldout_passed": check.passed,
+    return {"model": name, "gate_passed": result.gate_passed, "bundle": str(bundle),
+            "verdict": result.report["verdict"], "images": result.report["images"],
+            "gates": result.report["gates"], "heldout_passed": check.passed, "heldout_verdict": check.verdict,
+            "heldout_drift": [d.to_dict() for d in check.drift],
             "fallback": {k: v.get("fallback") for k, v in result.report["quantization"].items()},
             "summary": summary}

@@ -4,7 +4,8 @@ Exit codes: 0 success; 1 unexpected error; 2 usage; 3 missing dependency; 4 bund
 checksum or signature); 5 model load; 6 export; 7 quantization; 8 clinical gate failed; 9 data; 10 some images
 could not be screened (the others were); 11 runners disagree beyond tolerance (``compare``; x86 vs an emulated
 device); 12 device (does not fit, unsupported, invalid profile); 13 emulation could not run; 14 the result store
-is unusable. ``--json`` prints one JSON document on stdout; progress goes to stderr.
+is unusable; 15 the gate could not show its margins (INSUFFICIENT EVIDENCE). ``--json`` prints one JSON
+document on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ EXIT_CODES = """exit codes:
   4 bundle unusable               12 device (does not fit, unsupported, invalid profile)
   5 model load                    13 emulation could not run
   6 export                        14 result store unusable
-  7 quantization                 141 output pipe closed (e.g. '| head')"""
+  7 quantization                  15 gate: insufficient evidence (bounds not inside the margins)
+                                 141 output pipe closed (e.g. '| head')"""
 
 # One module per command group, each with ``register(subparsers)`` adding its sub-command(s). Registering must
 # stay cheap: modules import heavy packages inside the command function, never at module level.

@@ -11,10 +11,13 @@ from .profile import get_profile
 
 
 def device_default(device: str, artifacts: Sequence[dict[str, Any]], gates: Sequence[Any], default: str,
-                   log: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
-    """(default artifact id, manifest ``device`` entry) for ``device``, given the built artifacts and gates."""
+                   log: Callable[[str], None], allow_insufficient: bool = False) -> tuple[str, dict[str, Any]]:
+    """(default artifact id, manifest ``device`` entry) for ``device``, given the built artifacts and gates
+    (``allow_insufficient``: an INSUFFICIENT EVIDENCE verdict counts as usable, as the publisher allowed)."""
     profile = get_profile(device)
-    choice = choose_artifact(profile, artifacts, {g.artifact: bool(g.passed) for g in gates}, default=default)
+    verdicts = {g.artifact: bool(g.passed) or (allow_insufficient and g.verdict == "INSUFFICIENT EVIDENCE")
+                for g in gates}
+    choice = choose_artifact(profile, artifacts, verdicts, default=default)
     built = {(a["format"], a["precision"]) for a in artifacts}
     not_built = [str(p) for p in profile.runtime.artifacts if (p.format, p.precision) not in built]
     log(f"      device {profile.name}: default artifact {choice.artifact_id} ({choice.reason})"

@@ -35,7 +35,10 @@ def _verdicts(manifest: Manifest | Mapping[str, Any] | None) -> tuple[Mapping[st
 
     if isinstance(manifest, Manifest):
         summary = manifest.gate.summary if manifest.gate is not None else {}
-        return {aid: g.passed for aid, g in summary.items()}, manifest.default_artifact
+        # INSUFFICIENT EVIDENCE (no harm seen, margins not shown) counts only when the publisher allowed it
+        allowed = manifest.gate is not None and bool(manifest.gate.allow_insufficient_evidence)
+        return {aid: g.passed or (allowed and g.verdict == "INSUFFICIENT EVIDENCE") for aid, g in summary.items()}, \
+            manifest.default_artifact
     if manifest and "schema" in manifest:  # transition: cli/main.py still passes the JSON form (bundle.manifest)
         return _verdicts(Manifest.from_dict(dict(manifest)))
     if not all(isinstance(v, bool) for v in (manifest or {}).values()):  # a partial manifest would read as "passed"

@@ -13,6 +13,7 @@ import numpy as np
 
 from .metrics import auc, bootstrap_auc_ci, confusion, lock_threshold, sensitivity_specificity
 from .noninferiority import NonInferiority, paired_bootstrap
+from .verdict import FAIL, INSUFFICIENT, PASS, Evidence, assess, describe
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class GateCriteria:
     # An int8 artifact with a smaller share of its MACs in int8 fails: a mostly-fp32 file is not an int8 model
     # (what a fallback that keeps too much in float produces). Ship the fp32 file instead, or set 0.
     min_int8_mac_fraction: float = 0.5
+    # Δspecificity below this fails; its one-sided lower bound above it is needed for a PASS
+    min_delta_specificity: float = -0.02
+    # one-sided confidence of every bound behind the verdict (see gate/verdict.py, docs/gate.md)
+    confidence: float = 0.95
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +69,10 @@ def evaluate(name: str, labels: np.ndarray, scores: np.ndarray, threshold: float
 
 @dataclass(frozen=True)
 class GateResult:
-    """One candidate against the reference. Truthy when it passes."""
+    """One candidate against the reference. Truthy when its verdict is PASS.
+
+    ``failures``: why it FAILs (harm observed); ``insufficient``: what the bounds could not show (INSUFFICIENT
+    EVIDENCE when there is no failure); ``certification``: which images it was gated on."""
 
     artifact: str
     reference: str
@@ -79,8 +87,20 @@ class GateResult:
     criteria: GateCriteria
     failures: tuple[str, ...]
     noninferiority: NonInferiority | None = None
+    insufficient: tuple[str, ...] = ()
+    evidence: Evidence | None = None
+    certification: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:
+        return self.verdict == PASS
+
+    @property
+    def verdict(self) -> str:
+        return FAIL if self.failures else (INSUFFICIENT if self.insufficient else PASS)
+
+    @property
+    def acceptable(self) -> bool:
+        """No harm observed (point estimates inside the margins): what the fallback search selects on."""
         return not self.failures
 
     @property
@@ -89,7 +109,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "artifact": self.artifact, "reference": self.reference, "passed": self.passed,
+            "artifact": self.artifact, "reference": self.reference, "passed": self.passed, "verdict": self.verdict,
             "threshold": self.threshold, "auc": self.candidate_eval.auc,
             "auc_ci": list(self.candidate_eval.auc_ci), "sensitivity": self.candidate_eval.sensitivity,
             "specificity": self.candidate_eval.specificity, "confusion": self.candidate_eval.confusion,
@@ -97,13 +117,18 @@ class GateResult:
             "delta_specificity": self.delta_specificity, "flips": self.flips, "flip_rate": self.flip_rate,
             "criteria": self.criteria.to_dict(), "failures": list(self.failures),
             "noninferiority": self.noninferiority.to_dict() if self.noninferiority else None,
+            "insufficient": list(self.insufficient),
+            "evidence": self.evidence.to_dict() if self.evidence else None,
+            "certification": self.certification,
         }
 
 
 def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candidate_scores: np.ndarray,
          threshold: float, criteria: GateCriteria, reference: str = "onnx-fp32",
-         reference_eval: Evaluation | None = None, int8_mac_fraction: float | None = None) -> GateResult:
-    """``int8_mac_fraction``: for int8 candidates, the share of MACs the file computes in int8."""
+         reference_eval: Evaluation | None = None, int8_mac_fraction: float | None = None,
+         certification: dict[str, Any] | None = None) -> GateResult:
+    """``int8_mac_fraction``: for int8 candidates, the share of MACs the file computes in int8.
+    ``certification``: which images these are (recorded in the result)."""
     ref = reference_eval or evaluate(reference, labels, reference_scores, threshold, criteria)
     cand = evaluate(artifact, labels, candidate_scores, threshold, criteria)
     d_auc = cand.auc - ref.auc
@@ -111,24 +136,18 @@ def gate(artifact: str, labels: np.ndarray, reference_scores: np.ndarray, candid
     d_spec = cand.specificity - ref.specificity
     flips = int(np.sum((np.asarray(reference_scores) >= threshold) != (np.asarray(candidate_scores) >= threshold)))
     rate = flips / len(labels)
-    failures = []
-    if d_auc < criteria.min_delta_auc:
-        failures.append(f"AUC dropped {d_auc:+.4f} (limit {criteria.min_delta_auc:+.4f})")
-    if d_sens < criteria.min_delta_sensitivity:
-        failures.append(f"sensitivity dropped {d_sens:+.4f} (limit {criteria.min_delta_sensitivity:+.4f})")
-    if rate > criteria.max_flip_rate:
-        failures.append(f"{flips} decisions flipped ({rate:.2%}, limit {criteria.max_flip_rate:.2%})")
+    ni = paired_bootstrap(labels, reference_scores, candidate_scores, threshold, criteria.n_boot, criteria.seed,
+                          level=2 * criteria.confidence - 1)
+    ev = assess(labels, reference_scores, candidate_scores, threshold, criteria, ni)
+    failures = [describe(f) for f in ev.findings if f.verdict == FAIL]
+    insufficient = [describe(f) for f in ev.findings if f.verdict == INSUFFICIENT]
     if int8_mac_fraction is not None and int8_mac_fraction < criteria.min_int8_mac_fraction:
         failures.append(f"only {int8_mac_fraction:.1%} of MACs run in int8 "
                         f"(limit {criteria.min_int8_mac_fraction:.0%}):"
                         " mostly fp32")
-    ni = paired_bootstrap(labels, reference_scores, candidate_scores, threshold, criteria.n_boot, criteria.seed)
-    margin = criteria.noninferiority_margin
-    if margin is not None and ni.delta_sensitivity_ci[0] <= margin:
-        failures.append(f"non-inferiority not shown: Δsensitivity 95% CI lower bound {ni.delta_sensitivity_ci[0]:+.4f}"
-                        f" <= margin {margin:+.4f}")
     return GateResult(artifact, reference, threshold, cand, ref, d_auc, d_sens, d_spec, flips, rate, criteria,
-                      tuple(failures), ni)
+                      tuple(failures), ni, tuple(insufficient), ev, certification)
 
 
-__all__ = ["Evaluation", "GateCriteria", "GateResult", "evaluate", "gate", "lock_threshold"]
+__all__ = ["FAIL", "INSUFFICIENT", "PASS", "Evaluation", "GateCriteria", "GateResult", "evaluate", "gate",
+           "lock_threshold"]

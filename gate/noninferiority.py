@@ -22,6 +22,7 @@ class NonInferiority:
     delta_sensitivity_ci: tuple[float, float]
     n_boot: int
     seed: int
+    level: float = 0.95  # two-sided level of the CIs (the gate asks for 2 * confidence - 1: one-sided bounds)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,4 +60,5 @@ def paired_bootstrap(labels: np.ndarray, reference: np.ndarray, candidate: np.nd
         delta_sensitivity_ci=(float(np.quantile(d_sens, a)), float(np.quantile(d_sens, 1 - a))),
         n_boot=n_boot,
         seed=seed,
+        level=level,
     )

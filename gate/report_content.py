@@ -10,6 +10,7 @@ from typing import Any
 from ..datasets.labels import LAYOUTS
 from .quality_gate import quality_section
 from .report_blocks import Block, Bullets, Figure, Para, Section, Table, Verdict, fmt
+from .report_evidence import certification_line, evidence_section
 
 
 def validation_origin(report: dict[str, Any]) -> tuple[str, bool | None]:
@@ -36,10 +37,12 @@ def _sens_half_width(sens: float, n_pos: int) -> float:
 def verdict(report: dict[str, Any]) -> Verdict:
     ref, op, gates = report["reference"], report["operating_point"], report["gates"]
     passed = bool(report["gate_passed"])
+    word = report.get("verdict") or ("PASS" if passed else "FAIL")
     names = ", ".join(g["artifact"] for g in gates) or "no artifact"
-    headline = (f"Clinical gate: {'PASSED' if passed else 'FAILED'} — {names} "
-                f"{'each within' if passed else 'not all within'} the gate's limits of the fp32 reference "
-                f"{ref['name']}")
+    within = {"PASS": "shown within", "FAIL": "not all within"}.get(word, "not shown to be within")
+    headline = (f"Clinical gate: {'PASSED' if word == 'PASS' else word.replace('FAIL', 'FAILED')} — {names} "
+                f"{within} the gate's margins of the fp32 reference {ref['name']}"
+                f" (one-sided {report['criteria'].get('confidence', 0.95):.0%} bounds)")
     data, synthetic = validation_origin(report)
     n, n_pos = int(ref["n"]), round(ref["n"] * ref["prevalence"])
     v = report.get("validation") or {}
@@ -52,12 +55,19 @@ def verdict(report: dict[str, Any]) -> Verdict:
     for g in gates:
         ni = g.get("noninferiority")
         if ni:
-            sure.append(f"{g['artifact']} ΔAUC {ni['delta_auc']:+.4f} (95 % CI {ni['delta_auc_ci'][0]:+.4f} to "
-                        f"{ni['delta_auc_ci'][1]:+.4f})")
+            sure.append(f"{g['artifact']} ΔAUC {ni['delta_auc']:+.4f} ({ni.get('level', 0.95):.0%} CI "
+                        f"{ni['delta_auc_ci'][0]:+.4f} to {ni['delta_auc_ci'][1]:+.4f})")
     lines.append("How sure: " + "; ".join(sure) + ".")
+    if certification_line(report):
+        lines.append(certification_line(report))
     warnings = []
-    if not passed:
+    if any(g["failures"] for g in gates):
         warnings.append("Failed: " + "; ".join(f"{g['artifact']}: {f}" for g in gates for f in g["failures"]))
+    if word == "INSUFFICIENT EVIDENCE":
+        warnings.append("Not shown: " + "; ".join(f"{g['artifact']}: {f}" for g in gates
+                                                   for f in g.get("insufficient", []))
+                        + (" — written with --allow-insufficient-evidence" if report.get("allow_insufficient_evidence")
+                           else ""))
     if synthetic is not False:
         warnings.append("Synthetic or unrecorded validation data tests the pipeline only and supports no clinical "
                         "claim." if synthetic is None else
@@ -74,7 +84,7 @@ def gate_section(report: dict[str, Any]) -> Section:
         rows.append((g["artifact"], f"{g['auc']:.4f} ({g['auc_ci'][0]:.3f}–{g['auc_ci'][1]:.3f})",
                      f"{g['sensitivity']:.4f}", f"{g['specificity']:.4f}", f"{g['delta_auc']:+.4f}",
                      f"{g['delta_sensitivity']:+.4f}", f"{g['flips']} ({g['flip_rate']:.1%})",
-                     "PASS" if g["passed"] else "FAIL"))
+                     g.get("verdict") or ("PASS" if g["passed"] else "FAIL")))
         classes.append("pass" if g["passed"] else "fail")
     v = report.get("validation") or {}
     cols = ",".join(LAYOUTS.get(v.get("layout", ""), (str(v.get("layout", "?")),)))
@@ -82,8 +92,10 @@ def gate_section(report: dict[str, Any]) -> Section:
     return Section("Gate: every shipped file against the fp32 reference", [
         Table(("artifact", "AUC (95 % CI)", "sensitivity", "specificity", "ΔAUC", "Δsensitivity",
                "decision flips", "gate"), rows, row_classes=tuple(classes)),
-        Para(f"Pass criteria: ΔAUC ≥ {crit['min_delta_auc']}, Δsensitivity ≥ {crit['min_delta_sensitivity']}, "
-             f"decision flips ≤ {crit['max_flip_rate']:.1%} of images. AUC CIs: percentile bootstrap, "
+        Para(f"Margins: ΔAUC ≥ {crit['min_delta_auc']}, Δsensitivity ≥ {crit['min_delta_sensitivity']}, "
+             f"Δspecificity ≥ {crit.get('min_delta_specificity', '-')}, "
+             f"decision flips ≤ {crit['max_flip_rate']:.1%} of images; PASS needs each one-sided bound inside "
+             f"(see the evidence section). AUC CIs: percentile bootstrap, "
              f"{crit['n_boot']} resamples, seed {crit['seed']}. Labels read from {Path(str(v.get('csv', '?'))).name} "
              f"(CSV columns {cols}{grade})."),
     ])
@@ -113,8 +125,9 @@ def noninferiority_section(report: dict[str, Any]) -> Section | None:
                          f"({ni['delta_sensitivity_ci'][0]:+.4f} to {ni['delta_sensitivity_ci'][1]:+.4f})"))
     if not rows:
         return None
-    return Section("Non-inferiority (paired bootstrap, 95 % CI)", [
-        Table(("artifact", "ΔAUC (95 % CI)", "Δsensitivity (95 % CI)"), rows),
+    level = next((g["noninferiority"].get("level", 0.95) for g in report["gates"] if g.get("noninferiority")), 0.95)
+    return Section(f"Non-inferiority (paired bootstrap, two-sided {level:.0%} CI)", [
+        Table(("artifact", "ΔAUC (CI)", "Δsensitivity (CI)"), rows),
         Para("Differences are candidate minus reference on the same images; an interval that stays above the "
              "margin shows the int8 file is not worse by more than that margin."),
     ])
@@ -236,7 +249,8 @@ def figure_sections(report: dict[str, Any], figures: set[str]) -> list[Section]:
 def report_content(report: dict[str, Any]) -> tuple[Verdict, list[Section]]:
     figures = {Path(f).stem for f in report.get("figure_files") or []}
     sections: list[Section | None] = [gate_section(report), *figure_sections(report, figures),
-                                      confusion_section(report), noninferiority_section(report),
+                                      evidence_section(report), confusion_section(report),
+                                      noninferiority_section(report),
                                       quality_section(report.get("quality")), export_section(report),
                                       quantization_section(report), *fallback_sections(report, figures),
                                       layers_section(report, figures), artifacts_section(report)]

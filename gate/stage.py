@@ -6,7 +6,7 @@ quality. Torch-free (numpy + the runtime backends), so ``check`` runs it with th
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from ..errors import MissingDependencyError
 from ..runtime.backends import BackendSettings, run_backend
 from ..runtime.postprocess import referable_probability
 from ..runtime.preprocess import relayout
-from .gate import Evaluation, GateCriteria, GateResult, evaluate, gate
+from .gate import FAIL, INSUFFICIENT, PASS, Evaluation, GateCriteria, GateResult, evaluate, gate
 from .quality_gate import quality_summary
 
 TIMING_IMAGES = 16  # artifacts scored elsewhere (the fallback search) are timed on this many images
@@ -79,6 +79,12 @@ class GateOutcome:
         return all(self.gates)
 
     @property
+    def verdict(self) -> str:
+        """FAIL if any gate fails, else INSUFFICIENT EVIDENCE if any could not be shown, else PASS."""
+        verdicts = {g.verdict for g in self.gates}
+        return FAIL if FAIL in verdicts else (INSUFFICIENT if INSUFFICIENT in verdicts else PASS)
+
+    @property
     def reference_eval(self) -> Evaluation:
         return self.evaluations[self.reference]
 
@@ -118,18 +124,20 @@ def score_artifacts(artifacts: Sequence[GateArtifact], data: GateData, settings:
 
 def gate_scores(scores: Mapping[str, np.ndarray], data: GateData, reference: str, threshold: float,
                 criteria: GateCriteria, mac_fractions: Mapping[str, float | None] | None = None,
-                relative: bool = True) -> GateOutcome:
+                relative: bool = True, certify: Mapping[str, np.ndarray] | None = None) -> GateOutcome:
     """Evaluate every scored artifact at ``threshold`` and gate each one against ``reference`` (``relative``
-    False: absolute metrics only, no gate; ``reference`` then only names the quality summary's reference)."""
+    False: absolute metrics only, no gate; ``reference`` then only names the quality summary's reference).
+    ``certify``: artifact id -> the indices of the images that certify it (the others: all images)."""
     y = data.labels
     fractions = mac_fractions or {}
     evaluations: dict[str, Evaluation] = {}
     gates: list[GateResult] = []
     if relative:
         evaluations[reference] = evaluate(reference, y, scores[reference], threshold, criteria)
-        gates = [gate(k, y, scores[reference], s, threshold, criteria, reference, evaluations[reference],
-                      fractions.get(k)) for k, s in scores.items() if k != reference]
-        evaluations.update({g.artifact: g.candidate_eval for g in gates})
+        gates = [_gate_one(k, scores, data, reference, threshold, criteria, evaluations[reference],
+                           fractions.get(k), (certify or {}).get(k)) for k in scores if k != reference]
+        evaluations.update({g.artifact: g.candidate_eval for g in gates
+                            if (g.certification or {}).get("images") == "all"})
     for k, s in scores.items():  # what no gate evaluated (no reference)
         if k not in evaluations:
             evaluations[k] = evaluate(k, y, s, threshold, criteria)
@@ -140,6 +148,20 @@ def gate_scores(scores: Mapping[str, np.ndarray], data: GateData, reference: str
         quality = quality_summary(y, q.gradable, scores, threshold, criteria, q.records, q.sources, q.spec_source,
                                   reference)
     return GateOutcome(reference, threshold, evaluations, gates, quality)
+
+
+def _gate_one(k: str, scores: Mapping[str, np.ndarray], data: GateData, reference: str, threshold: float,
+              criteria: GateCriteria, ref_eval: Evaluation, fraction: float | None,
+              idx: np.ndarray | None) -> GateResult:
+    """Gate artifact ``k`` on all images, or on the certification part ``idx`` (its reference re-evaluated there)."""
+    y, r, c = data.labels, np.asarray(scores[reference]), np.asarray(scores[k])
+    if idx is None:
+        return gate(k, y, r, c, threshold, criteria, reference, ref_eval, fraction, {"images": "all", "n": len(y)})
+    cert = {"images": "certification part", "n": len(idx), "indices": [int(i) for i in idx]}
+    if len(idx) == 0 or y[idx].all() or not y[idx].any():
+        g = gate(k, y, r, c, threshold, criteria, reference, ref_eval, fraction, cert)
+        return replace(g, insufficient=(*g.insufficient, "the certification part lacks one class"))
+    return gate(k, y[idx], r[idx], c[idx], threshold, criteria, reference, None, fraction, cert)
 
 
 __all__ = ["GateArtifact", "GateData", "GateOutcome", "QualityInputs", "Scored", "gate_scores", "score_artifact",

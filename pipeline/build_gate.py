@@ -32,7 +32,8 @@ def _log_outcome(o: GateOutcome, n: int, progress: Progress) -> None:
     for g in o.gates:
         progress.say(f"{g.artifact}: AUC {g.candidate_eval.auc:.4f} (Δ {g.delta_auc:+.4f}), sensitivity "
                      f"{g.candidate_eval.sensitivity:.4f} (Δ {g.delta_sensitivity:+.4f}), flips {g.flips} -> "
-                     f"{'PASS' if g else 'FAIL: ' + '; '.join(g.failures)}")
+                     f"{g.verdict}" + (": " + "; ".join(g.failures or g.insufficient) if not g else "")
+                     + f" [{g.certification['images'] if g.certification else 'all'}, n {g.candidate_eval.n}]")
     q = o.quality
     if q is not None:
         progress.say(f"image quality: {q['n_ungradable']}/{n} validation images ungradable "
@@ -54,7 +55,10 @@ def build_gate_stage(artifacts: Sequence[BuiltArtifact], staging: Path, data: Ga
     files = [GateArtifact(a.id, a.format, a.layout, staging / a.path) for a in artifacts]
     scored = score_artifacts(files, data, settings, known, {ref.artifact.id: ref.infer_ms})
     fractions = {q.artifact.id: q.int8_mac_fraction for q in quantized}
-    outcome = gate_scores(scored.scores, data, ref.artifact.id, ref.threshold, ref.gating.criteria, fractions)
+    # a file a fallback search selected is certified on the images the search never saw; plain int8 on all
+    certify = {q.artifact.id: ref.certify for q in quantized if q.fallback is not None and q.fallback.excluded}
+    outcome = gate_scores(scored.scores, data, ref.artifact.id, ref.threshold, ref.gating.criteria, fractions,
+                          certify=certify)
     _log_outcome(outcome, len(data.labels), progress)
     return BuildGate(outcome, {k: [float(v) for v in s] for k, s in scored.scores.items()}, scored.infer_ms,
                      {a.id: (staging / a.path).stat().st_size for a in artifacts})

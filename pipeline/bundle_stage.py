@@ -32,7 +32,8 @@ from ..bundle.manifest import (
 )
 from ..bundle.read import sha256_file
 from ..bundle.write import write_manifest
-from ..errors import GateFailedError
+from ..errors import GateFailedError, GateInsufficientEvidenceError
+from ..gate.gate import FAIL, INSUFFICIENT
 from ..gate.quality_gate import manifest_summary
 from ..gate.report import write_reports
 from .artifacts import BuiltArtifact
@@ -81,6 +82,21 @@ class Built:
         return {q.artifact.id: q.summary for q in self.quantized}
 
     @property
+    def usable(self) -> bool:
+        """The int8 files may ship: the gate passed, or saw no harm and INSUFFICIENT EVIDENCE was allowed."""
+        return self.gate.passed or (self.gate.outcome.verdict == INSUFFICIENT and self.cfg.allow_insufficient_evidence)
+
+    def images(self) -> dict[str, Any]:
+        """Which validation images searched (a fallback selected on them) and which certified each gate."""
+        src = self.data.val_in.sources
+        searched = any(q.fallback is not None and q.fallback.excluded for q in self.quantized)
+        cert = {g.artifact: (g.certification or {}).get("images", "all") for g in self.gate.outcome.gates}
+        return {"split": {"method": "stratified by label, seeded", "seed": self.cfg.criteria.seed, "fraction": 0.5},
+                "search": [src[i] for i in self.reference.search] if searched else [],
+                "certification": [src[i] for i in self.reference.certify] if searched else list(src),
+                "certified_on": cert}
+
+    @property
     def name(self) -> str:
         return self.cfg.name or Path(self.model.source).stem
 
@@ -103,7 +119,10 @@ def make_report(b: Built) -> dict[str, Any]:
     report: dict[str, Any] = {
         "name": b.name,
         "gate_passed": o.passed,
+        "verdict": o.verdict,
         "allow_failed_gate": cfg.allow_failed_gate,
+        "allow_insufficient_evidence": cfg.allow_insufficient_evidence,
+        "images": b.images(),
         "criteria": cfg.criteria.to_dict(),
         "operating_point": {"threshold": o.threshold, "rule": cfg.criteria.operating_point, "locked_on": ref_id},
         "reference": o.reference_eval.to_dict(),
@@ -131,7 +150,7 @@ def make_report(b: Built) -> dict[str, Any]:
 def gate_failure(b: Built, report_dir: Path) -> GateFailedError:
     """The error a failed gate raises: each failing artifact, what its fallback tried, and what to do."""
     gates = b.gate.outcome.gates
-    failures = "; ".join(f"{g.artifact}: {', '.join(g.failures)}" for g in gates if not g)
+    failures = "; ".join(f"{g.artifact}: {', '.join(g.failures)}" for g in gates if g.verdict == FAIL)
     for q in b.quantized:
         fb = q.fallback
         g_fb = next((g for g in gates if g.artifact == q.artifact.id), None)
@@ -147,19 +166,30 @@ def gate_failure(b: Built, report_dir: Path) -> GateFailedError:
            if any(q.fallback is not None and not q.fallback.passed for q in b.quantized) else ""))
 
 
+def gate_insufficient(b: Built, report_dir: Path) -> GateInsufficientEvidenceError:
+    """The error an INSUFFICIENT EVIDENCE verdict raises: what could not be shown, and how many images would."""
+    what = "; ".join(f"{g.artifact}: {', '.join(g.insufficient)}" for g in b.gate.outcome.gates if g.insufficient)
+    return GateInsufficientEvidenceError(
+        f"clinical gate: INSUFFICIENT EVIDENCE ({what}); no harm was observed, but the confidence bounds are not "
+        f"inside the margins on these images; no bundle written. Report: {report_dir}/report.md. Validate on more "
+        "labelled images, widen the margins deliberately, or pass --allow-insufficient-evidence (recorded in the "
+        "manifest)")
+
+
 def default_artifact(b: Built, progress: Progress) -> tuple[str, dict[str, Any] | None]:
     """(the bundle's default artifact id, the manifest's ``device`` entry): the reference format's int8 file when
     the gate passed, else its fp32 file; a device profile (``--device``) may prefer another."""
     ref = b.reference.artifact
     int8 = REGISTRY[ref.format].artifact_id("int8")
     ids = [a.id for a in b.artifacts]
-    default = int8 if b.gate.passed and int8 in ids else ref.id
+    default = int8 if b.usable and int8 in ids else ref.id
     if not b.cfg.device:
         return default, None
     from ..devices.build_target import device_default
 
     entries = [a.entry() for a in b.artifacts]
-    return device_default(b.cfg.device, entries, b.gate.outcome.gates, default, progress.log)
+    return device_default(b.cfg.device, entries, b.gate.outcome.gates, default, progress.log,
+                          b.cfg.allow_insufficient_evidence)
 
 
 def build_manifest(b: Built, staging: Path, report_files: list[Path], default: str,
@@ -191,9 +221,10 @@ def build_manifest(b: Built, staging: Path, report_files: list[Path], default: s
                                        locked_on=o.reference, sensitivity=ref.sensitivity,
                                        specificity=ref.specificity),
         artifacts=tuple(artifacts), default_artifact=default,
-        gate=GateSummary(passed=o.passed, allow_failed_gate=cfg.allow_failed_gate, criteria=cfg.criteria.to_dict(),
+        gate=GateSummary(passed=o.passed, verdict=o.verdict, allow_failed_gate=cfg.allow_failed_gate,
+                         allow_insufficient_evidence=cfg.allow_insufficient_evidence, criteria=cfg.criteria.to_dict(),
                          n_validation=len(b.data.labels),
-                         summary={g.artifact: GateEntry(passed=bool(g.passed), delta_auc=g.delta_auc,
+                         summary={g.artifact: GateEntry(passed=bool(g.passed), verdict=g.verdict, delta_auc=g.delta_auc,
                                                         delta_sensitivity=g.delta_sensitivity, flips=g.flips)
                                   for g in o.gates},
                          quality=manifest_summary(o.quality) if o.quality else None),
@@ -217,13 +248,13 @@ def write_bundle_stage(b: Built, report: dict[str, Any], staging: Path, signer: 
     """Write the bundle (or, when the gate fails and that is not allowed, the report only and raise
     :class:`GateFailedError`). The bundle appears at ``cfg.out`` by an atomic rename of ``staging``."""
     out = b.cfg.out
-    passed = b.gate.passed
-    progress.stage("writing bundle" if passed or b.cfg.allow_failed_gate else "gate failed: writing the report only")
-    if not passed and not b.cfg.allow_failed_gate:
+    write = b.usable or b.cfg.allow_failed_gate
+    progress.stage("writing bundle" if write else f"gate {b.gate.outcome.verdict}: writing the report only")
+    if not write:
         report_dir = out.parent / f"{out.name}.gate-failed"
         shutil.rmtree(report_dir, ignore_errors=True)
         write_reports(report_dir, report)
-        raise gate_failure(b, report_dir)
+        raise (gate_failure if b.gate.outcome.verdict == FAIL else gate_insufficient)(b, report_dir)
     report_files = write_reports(staging, report)
     default, device_entry = default_artifact(b, progress)
     manifest, files = build_manifest(b, staging, report_files, default, device_entry)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..bundle.read import Artifact, Bundle, load_bundle
 from ..datasets.labels import read_labels
-from ..gate.gate import Evaluation, GateCriteria, GateResult
+from ..gate.drift import DriftFinding, operating_point_drift, targets
+from ..gate.gate import FAIL, INSUFFICIENT, PASS, Evaluation, GateCriteria, GateResult
 from ..gate.stage import GateArtifact, GateData, QualityInputs, Scored, gate_scores, score_artifacts
 from ..quantization.calibration import prepare_inputs
 from ..runtime.backends import BackendSettings
@@ -40,9 +41,23 @@ class CheckResult:
     note: str = ""
     problems: list[str] = field(default_factory=list)
     quality: dict[str, Any] | None = None
+    drift: list[DriftFinding] = field(default_factory=list)  # operating point at the locked threshold vs targets
+
+    @property
+    def verdict(self) -> str:
+        """PASS | FAIL | INSUFFICIENT EVIDENCE over the int8-vs-fp32 gates (FAIL too when nothing could be gated)."""
+        if not self.passed and not any(g.verdict != PASS for g in self.gates):
+            return FAIL
+        verdicts = {g.verdict for g in self.gates}
+        return FAIL if FAIL in verdicts else (INSUFFICIENT if INSUFFICIENT in verdicts else PASS)
+
+    @property
+    def drifted(self) -> bool:
+        return any(d.status == "DRIFT" for d in self.drift)
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle_id": self.bundle_id, "n": self.n, "threshold": self.threshold, "passed": self.passed,
+                "verdict": self.verdict, "drift": [d.to_dict() for d in self.drift], "drifted": self.drifted,
                 "evaluations": {k: e.to_dict() for k, e in self.evaluations.items()},
                 "gates": [g.to_dict() for g in self.gates], "reference": self.reference, "skipped": self.skipped,
                 "note": self.note, "problems": self.problems, "quality": self.quality}
@@ -95,7 +110,11 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
     reference, relative, note, unrunnable = _choose_reference(b, scored, ref_id)
     outcome = gate_scores(scored.scores, data, reference, b.operating_point.threshold, criteria,
                           {a.id: _gate_artifact(b, a).int8_mac_fraction for a in chosen}, relative=relative)
+    op = b.operating_point
+    goal = targets(op.rule, op.sensitivity, op.specificity)
+    drift = [d for k, s in scored.scores.items() for d in operating_point_drift(k, y, s, op.threshold, goal)]
     return CheckResult(b.bundle_id, str(val_csv), len(y), int(y.sum()), outcome.threshold, b.operating_point.rule,
                        outcome.passed and not unrunnable, reference, relative, outcome.evaluations, outcome.gates,
                        scored.skipped, note,
-                       val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped], outcome.quality)
+                       val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped], outcome.quality,
+                       drift)

@@ -52,6 +52,8 @@ class BuildConfig:
     fallback_budget: FallbackBudget = field(default_factory=FallbackBudget)
     debug_layers: bool = True
     allow_failed_gate: bool = False
+    # write the bundle when the gate's verdict is INSUFFICIENT EVIDENCE (recorded in the manifest and report)
+    allow_insufficient_evidence: bool = False
     force: bool = False
     threads: int = 0
     quality: QualitySpec | None = None  # the bundle's image-quality spec (None: the built-in defaults)

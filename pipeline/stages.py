@@ -12,6 +12,7 @@ import numpy as np
 
 from ..datasets.labels import LabelledSet, list_images, read_labels
 from ..errors import UsageError
+from ..gate.evidence import stratified_split
 from ..gate.metrics import lock_threshold
 from ..gate.stage import GateArtifact, GateData, QualityInputs, score_artifact
 from ..quantization.calibration import PreparedInputs, prepare_inputs, select_calibration
@@ -162,6 +163,8 @@ class Reference:
     infer_ms: float
     threshold: float
     gating: GateSpec  # how the accuracy-aware fallbacks gate their candidates: like the final gate
+    search: np.ndarray  # validation indices a fallback search selects on ...
+    certify: np.ndarray  # ... and the disjoint rest, which certifies what it picked
 
 
 def lock_reference(ref: BuiltArtifact, staging: Path, data: BuildData, model: ModelInfo, cfg: BuildConfig,
@@ -170,8 +173,10 @@ def lock_reference(ref: BuiltArtifact, staging: Path, data: BuildData, model: Mo
     art = GateArtifact(ref.id, ref.format, ref.layout, staging / ref.path)
     scores, ms = score_artifact(art, gdata, settings)
     threshold = lock_threshold(data.labels, scores, cfg.criteria.operating_point)
-    gating = GateSpec(data.val_in.tensors, data.labels, model.positive, scores, threshold, cfg.criteria, settings)
-    return Reference(ref, scores, ms, threshold, gating)
+    search, certify = stratified_split(data.labels, cfg.criteria.seed)
+    gating = GateSpec(data.val_in.tensors, data.labels, model.positive, scores, threshold, cfg.criteria, settings,
+                      search)
+    return Reference(ref, scores, ms, threshold, gating, search, certify)
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,9 @@ def quantize_stage(exported: Exported, ref: Reference, data: BuildData, model_la
                                "mostly_float": q.result.int8_mac_fraction < MOSTLY_FLOAT}
     if q.fallback is not None:
         summary["fallback"] = q.fallback.to_dict()
+        if q.fallback.excluded:  # a search selected this file: name the images it selected on
+            summary["fallback"]["search_images"] = {"n": len(ref.search), "indices": ref.search.tolist(),
+                                                    "seed": cfg.criteria.seed, "split": "stratified 50/50"}
         _fallback_lines(q.fallback, progress, summary["fallback"]["kept_in_float_detail"])
     art = BuiltArtifact(fmt.artifact_id("int8"), out.name, fmt.name, "int8", fp32.layout, q.io_dtype)
     progress.say(f"{q.summary_line} ({progress.seconds()})")

@@ -31,7 +31,11 @@ class FallbackBudget:
 @dataclass(frozen=True)
 class GateSpec:
     """How each candidate is gated: like the build's final gate, on the validation set (inputs in the layout of
-    the files being quantized) against the fp32 reference scores at the locked threshold."""
+    the files being quantized) against the fp32 reference scores at the locked threshold.
+
+    Plain int8 (the one pre-specified candidate) is gated on every image; the candidates of the fallback search
+    only on ``search`` (indices; ``None``: all), so that the disjoint rest can certify the one it picks without
+    selection bias. Candidates are selected on point estimates (no harm observed: ``GateResult.acceptable``)."""
 
     val_inputs: np.ndarray
     labels: np.ndarray
@@ -40,6 +44,7 @@ class GateSpec:
     threshold: float
     criteria: GateCriteria
     settings: BackendSettings | None = None
+    search: np.ndarray | None = None
 
 
 @dataclass
@@ -53,6 +58,7 @@ class FallbackStep:
     int8_mac_fraction: float
     failures: list[str]
     seconds: float
+    n_images: int = 0  # the images it was gated on: all for plain int8, the search part for a candidate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,20 +171,25 @@ class _Search:
         self.candidate = tmp / f"candidate{out.suffix}"
 
     def trial(self, excluded: list[str], path: Path) -> tuple[QuantOutcome, np.ndarray, GateResult]:
+        """Quantize, score every validation image, gate: plain int8 on all images, a candidate on the search part."""
         q = self.target.quantize(excluded, path)
         logits, _ = run_backend(self.target.fmt, path, self.spec.val_inputs, self.spec.settings)
         scores = referable_probability(logits, self.spec.positive)
         sp = self.spec
-        return q, scores, gate(self.artifact, sp.labels, sp.reference_scores, scores, sp.threshold, sp.criteria,
-                               int8_mac_fraction=q.int8_mac_fraction)
+        idx = np.arange(len(sp.labels)) if sp.search is None or not excluded else np.asarray(sp.search)
+        return q, scores, gate(self.artifact, sp.labels[idx], sp.reference_scores[idx], scores[idx], sp.threshold,
+                               sp.criteria, int8_mac_fraction=q.int8_mac_fraction,
+                               certification={"images": "all" if len(idx) == len(sp.labels) else "search part",
+                                              "n": len(idx)})
 
     def record(self, excluded: list[str], q: QuantOutcome, g: GateResult, t0: float) -> None:
         step = len(self.steps)
-        self.steps.append(FallbackStep(step, list(excluded), g.passed, g.delta_auc, g.delta_sensitivity, g.flips,
-                                       q.int8_mac_fraction, list(g.failures), time.perf_counter() - t0))
+        self.steps.append(FallbackStep(step, list(excluded), g.acceptable, g.delta_auc, g.delta_sensitivity, g.flips,
+                                       q.int8_mac_fraction, list(g.failures), time.perf_counter() - t0,
+                                       g.candidate_eval.n))
         self.log(f"      step {step}: {len(excluded)} kept in float, int8 MACs {q.int8_mac_fraction:.1%}, "
                  f"ΔAUC {g.delta_auc:+.4f}, Δsens {g.delta_sensitivity:+.4f}, flips {g.flips} -> "
-                 f"{'PASS' if g else 'fail'}")
+                 f"{'no harm observed' if g.acceptable else 'fail'}")
 
     def first(self) -> FallbackResult:
         """Plain int8 (nothing in float): the result when it passes, and the first 'best'."""
@@ -186,7 +197,7 @@ class _Search:
         q, scores, g = self.trial([], self.out)
         self.record([], q, g, t0)
         self.best: tuple[QuantOutcome, np.ndarray, GateResult, list[str]] = (q, scores, g, [])
-        return FallbackResult(True, q, g, scores, self.steps) if g else FallbackResult(False, q, g, scores, self.steps)
+        return FallbackResult(g.acceptable, q, g, scores, self.steps)
 
     def rank(self, tuning_pool: np.ndarray) -> None:
         """Order the candidates by how much keeping each alone in float reduces the decision-weighted margin error
@@ -224,7 +235,7 @@ class _Search:
     @staticmethod
     def key(g: GateResult, excluded: list[str]) -> tuple[Any, ...]:
         """Passing beats failing; among passing, fewer nodes in float; otherwise the closest to passing."""
-        return (bool(g), -len(excluded) if g else 0, *_rank(g))
+        return (g.acceptable, -len(excluded) if g.acceptable else 0, *_rank(g))
 
     def try_set(self, excluded: list[str]) -> bool:
         """Gate one candidate; remember it if it is the best so far. True when it passed."""
@@ -234,7 +245,7 @@ class _Search:
         if self.key(g, excluded) > self.key(self.best[2], self.best[3]):
             self.best = (q, scores, g, list(excluded))
             shutil.copyfile(self.candidate, self.tmp / f"best{self.out.suffix}")
-        return bool(g)
+        return g.acceptable
 
     def out_of_budget(self) -> bool:
         if len(self.steps) - 1 >= self.bud.max_trials:
@@ -264,8 +275,8 @@ class _Search:
                 hi = mid
             else:
                 lo = mid
-        for node in order if not self.best[2] else []:
-            if self.best[2] or self.out_of_budget():
+        for node in order if not self.best[2].acceptable else []:
+            if self.best[2].acceptable or self.out_of_budget():
                 break
             if node not in self.best[3]:
                 self.try_set([*self.best[3], node])
@@ -275,7 +286,7 @@ class _Search:
         if kept:
             shutil.copyfile(self.tmp / f"best{self.out.suffix}", self.out)
             q.path = self.out
-        return FallbackResult(bool(g), q, g, scores, self.steps, self.ranking, kept, self.target.nodes(kept))
+        return FallbackResult(g.acceptable, q, g, scores, self.steps, self.ranking, kept, self.target.nodes(kept))
 
 
 def _rank(g: GateResult) -> tuple[int, int, float]:

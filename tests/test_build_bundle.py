@@ -18,8 +18,13 @@ from fundus_edge.runtime import load, load_bundle
 
 
 def test_build_writes_a_verified_bundle_that_passes_the_gate(built: Any) -> None:
-    assert built.gate_passed
+    # 300 validation images cannot show the default margins (docs/gate.md): no harm observed, the verdict says
+    # how sure it is, and the fixture builds with --allow-insufficient-evidence, which the manifest records
     m = built.manifest
+    assert m["gate"]["verdict"] in ("PASS", "INSUFFICIENT EVIDENCE")
+    assert built.gate_passed == (m["gate"]["verdict"] == "PASS")
+    assert m["gate"]["allow_insufficient_evidence"] is True
+    assert all(e["verdict"] != "FAIL" for e in m["gate"]["summary"].values())
     assert m["schema"] == "fundus-edge/bundle" and m["schema_version"] == 2 and m["task"] == "classification"
     ids = {a["id"]: a for a in m["artifacts"]}
     assert set(ids) == {"onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"}  # build makes both formats
@@ -46,15 +51,25 @@ def test_report_numbers(built: Any) -> None:
     assert ref["auc"] >= 0.9  # the reference model is good enough for the gate to mean something
     assert ref["auc_ci"][0] < ref["auc"] < ref["auc_ci"][1]
     g = rep["gates"][0]
-    assert g["artifact"] == "onnx-int8" and g["passed"]
+    assert g["artifact"] == "onnx-int8" and g["verdict"] != "FAIL" and not g["failures"]
     assert g["flip_rate"] <= 0.01 and g["delta_auc"] >= -0.005 and g["delta_sensitivity"] >= -0.01
+    # the verdict's bounds: one per criterion, each on the right side of its estimate; the certifying images
+    ev = {f["name"]: f for f in g["evidence"]["findings"]}
+    assert set(ev) == {"delta_auc", "delta_sensitivity", "delta_specificity", "flip_rate"}
+    assert ev["flip_rate"]["bound"] >= ev["flip_rate"]["estimate"] and ev["delta_sensitivity"]["bound"] <= \
+        ev["delta_sensitivity"]["estimate"]
+    assert g["evidence"]["flips_in_band"] + g["evidence"]["flips_outside_band"] == g["flips"]
+    assert (g["verdict"] == "PASS") == (not g["insufficient"])
+    assert g["certification"] == {"images": "all", "n": ref["n"]}  # plain int8: no search, all images certify
+    assert len(rep["images"]["certification"]) == ref["n"] and rep["images"]["search"] == []
     # the report's numbers are recomputable from the stored scores
     from fundus_edge.gate.metrics import auc
 
     y = np.array(rep["labels"])
     assert auc(y, np.array(rep["scores"]["onnx-int8"])) == pytest.approx(g["auc"])
     md = (built.out / "report.md").read_text()
-    assert "Clinical gate: PASSED" in md and "onnx-int8" in md and "sensitivity" in md
+    assert f"Clinical gate: {rep['verdict'].replace('PASS', 'PASSED')}" in md and "onnx-int8" in md
+    assert "Evidence: confidence bounds behind each verdict" in md and "sensitivity" in md
 
 
 def test_screen_real_photos_and_a_corrupt_file(built: Any, real_photos: list[Path], tmp_path: Path) -> None:

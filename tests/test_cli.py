@@ -52,8 +52,20 @@ def test_tampered_bundle_exit_code_and_json_error(built: Any, tmp_path: Path, re
 def test_check_reruns_the_gate(built: Any, synth_val: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["check", "--bundle", str(built.out), "--val", str(synth_val), "--json"])
     doc = json.loads(capsys.readouterr().out)
-    assert code == 0 and doc["passed"]
     rep = json.loads((built.out / "report.json").read_text())
+    # the same images as the build: the same verdict, and its exit code (0 PASS, 15 INSUFFICIENT EVIDENCE)
+    assert doc["verdict"] == rep["verdict"] and doc["passed"] == (doc["verdict"] == "PASS")
+    assert code == {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}[doc["verdict"]]
+    g = next(g for g in doc["gates"] if g["artifact"] == "onnx-int8")
+    assert g["verdict"] == rep["gates"][0]["verdict"] and g["evidence"]["findings"]
+    assert [(f["name"], f["verdict"]) for f in g["evidence"]["findings"]] == \
+        [(f["name"], f["verdict"]) for f in rep["gates"][0]["evidence"]["findings"]]
+    # operating-point drift: its own finding, per artifact, against the targets recorded at build
+    drift = {(d["artifact"], d["metric"]): d for d in doc["drift"]}
+    ref = drift[("onnx-fp32", "sensitivity")]
+    assert ref["target"] == 0.90 and ref["ci"][0] <= ref["estimate"] <= ref["ci"][1] and ref["status"] != "DRIFT"
+    assert drift[("onnx-fp32", "specificity")]["target"] == pytest.approx(rep["reference"]["specificity"])
+    assert doc["drifted"] is False
     assert doc["evaluations"]["onnx-int8"]["auc"] == pytest.approx(rep["gates"][0]["auc"])
 
 

@@ -2,8 +2,10 @@
 (the session fixtures).
 
 - dr-vit-tiny (a small ViT: softmax attention, GELU, LayerNorm): plain int8 collapses in both formats (measured:
-  Δsensitivity -0.11 ONNX / -0.20 TFLite); the accuracy-aware fallback finds files that pass, the build exits 0,
-  and report + manifest name what was kept in float and the int8 MAC share.
+  Δsensitivity -0.11 ONNX / -0.20 TFLite); the accuracy-aware fallback finds files with no harm observed on the
+  search half of the validation set, the disjoint half certifies them (on 150 images: at best INSUFFICIENT
+  EVIDENCE at the default margins, docs/gate.md, so the build allows it), and report + manifest name what was
+  kept in float, the int8 MAC share, and which images searched and which certified.
 - dr-mobilenetv3s (hardswish, squeeze-excite, depthwise): plain int8 fails the gate (its int8 error is spread over
   the whole network; whether a fallback candidate passes is decided by a few images next to the threshold, so
   that part is shown by `make demo`, not pinned here)."""
@@ -25,7 +27,7 @@ from fundus_edge.runtime.tflite_graph import inspect_tflite
 def fragile(tmp_path_factory: pytest.TempPathFactory, synth_val: Path, synth_calib: Path) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("fragile") / "bundle"
     rc = main(["build", "--model", "reference:dr-vit-tiny", "--calib", str(synth_calib), "--val", str(synth_val),
-               "--out", str(out), "--calib-size", "64", "--json"])
+               "--out", str(out), "--calib-size", "64", "--allow-insufficient-evidence", "--json"])
     return rc, out
 
 
@@ -33,8 +35,10 @@ def test_vit_plain_int8_fails_and_the_fallback_passes(fragile: tuple[int, Path])
     rc, out = fragile
     assert rc == 0
     m = load_bundle(out).manifest
-    assert m["gate"]["passed"] is True
+    assert m["gate"]["verdict"] in ("PASS", "INSUFFICIENT EVIDENCE") and m["gate"]["allow_insufficient_evidence"]
     report = json.loads((out / "report.json").read_text())
+    search, cert = report["images"]["search"], report["images"]["certification"]
+    assert search and cert and not set(search) & set(cert) and len(search) + len(cert) == report["reference"]["n"]
     for art in ("onnx-int8", "tflite-int8"):
         q = m["quantization"][art]
         fb = q["fallback"]
@@ -48,7 +52,10 @@ def test_vit_plain_int8_fails_and_the_fallback_passes(fragile: tuple[int, Path])
         assert q["int8_mac_fraction"] == pytest.approx(fb["int8_mac_fraction"], abs=1e-4)
         gate = next(g for g in report["gates"] if g["artifact"] == art)
         chosen = next(s for s in fb["steps"] if s["excluded"] == fb["excluded_nodes"])
-        assert gate["passed"] and gate["flips"] == chosen["flips"]  # the shipped file is the chosen candidate
+        assert chosen["passed"] and chosen["n_images"] == len(search)  # selected on the search part ...
+        assert gate["verdict"] != "FAIL" and gate["certification"]["images"] == "certification part"
+        assert gate["certification"]["n"] == len(cert)  # ... certified on the disjoint rest
+        assert not set(gate["certification"]["indices"]) & set(fb["search_images"]["indices"])
     md = (out / "report.md").read_text()
     assert "Accuracy-aware fallback (onnx-int8)" in md and "Accuracy-aware fallback (tflite-int8)" in md
     assert m["quantization"]["onnx-int8"]["fallback"]["kept_in_float_detail"][0]["where"] in md

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,6 +103,25 @@ def test_search_keeps_the_sensitive_nodes_and_bisects_to_the_shortest_passing_se
     d = res.to_dict()
     assert [k["where"] for k in d["kept_in_float_detail"]] == [f"features.{n[1:]}" for n in res.excluded]
     assert json.loads(Path(str(args["out"])).read_text()) == sorted(res.excluded)  # the chosen file is the one written
+
+
+def test_candidates_are_selected_on_the_search_part_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Plain int8 is gated on every image; the search's candidates only on the search part of a stratified split,
+    so that the disjoint certification part can certify the pick without selection bias (docs/gate.md)."""
+    from fundus_edge.gate.evidence import stratified_split
+
+    strengths = {n: (0.8 if n in ("n3", "n7", "n5") else 0.002) for n in NODES}
+    args = _setup(monkeypatch, tmp_path, strengths)
+    gate_args: tuple[Any, ...] = args["gate"]  # type: ignore[assignment]
+    labels: np.ndarray = gate_args[1]
+    search, certify = stratified_split(labels, seed=0)
+    spec = GateSpec(*gate_args, criteria=GateCriteria(n_boot=20), search=search)  # type: ignore[misc]
+    res = search_fallback(args["target"], args["out"], args["tuning_pool"], spec,  # type: ignore[arg-type]
+                          FallbackBudget(tuning_images=200))
+    assert res.steps[0].n_images == len(labels) and not res.steps[0].passed
+    assert all(s.n_images == len(search) for s in res.steps[1:]) and len(res.steps) > 1
+    assert res.gate.certification == {"images": "search part", "n": len(search)}
+    assert len(search) + len(certify) == len(labels) and not set(search) & set(certify)
 
 
 def test_a_passing_but_mostly_float_candidate_fails_the_int8_floor(monkeypatch: pytest.MonkeyPatch,

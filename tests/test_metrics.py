@@ -85,11 +85,11 @@ def test_bootstrap_ci_reproducible_and_equal_to_direct_resampling() -> None:
 
 
 def test_gate_passes_identical_and_fails_degraded() -> None:
-    y, s = _data(4)
+    y, s = _data(4, 2000)  # enough images for the bounds to show the default margins (docs/gate.md)
     crit = GateCriteria(n_boot=100)
     t = lock_threshold(y, s)
     same = gate("same", y, s, s.copy(), t, crit)
-    assert same and same.flips == 0 and same.delta_auc == 0
+    assert same and same.flips == 0 and same.delta_auc == 0 and same.verdict == "PASS"
     rng = np.random.default_rng(0)
     noisy = np.clip(s + rng.normal(0, 0.15, len(s)), 0, 1)
     bad = gate("noisy", y, s, noisy, t, crit)

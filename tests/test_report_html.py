@@ -16,14 +16,18 @@ import pytest
 from fundus_edge.gate.gate import GateCriteria, evaluate, gate
 from fundus_edge.gate.report import render_html, render_markdown, write_reports
 
+# margins that 150 images can show (the defaults cannot: docs/gate.md); make_report(criteria=GateCriteria(...))
+WIDE = GateCriteria(n_boot=200, min_delta_auc=-0.02, min_delta_sensitivity=-0.1, min_delta_specificity=-0.1,
+                    max_flip_rate=0.06)
+
 
 def make_report(fallback_steps: int = 1, description: str | None = None, synthetic: bool | None = None,
-                name: str = "dr-test") -> dict[str, Any]:
+                name: str = "dr-test", criteria: GateCriteria = WIDE) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     y = (rng.random(150) < 0.35).astype(int)
     ref = np.clip(0.3 + 0.35 * y + rng.normal(0, 0.18, y.size), 0, 1)
     int8 = np.clip(ref + rng.normal(0, 0.01, y.size), 0, 1)
-    crit = GateCriteria(n_boot=200)
+    crit = criteria
     t = float(np.quantile(ref[y == 1], 0.1))
     ref_eval = evaluate("onnx-fp32", y, ref, t, crit)
     g = gate("onnx-int8", y, ref, int8, t, crit, reference_eval=ref_eval)
@@ -37,7 +41,7 @@ def make_report(fallback_steps: int = 1, description: str | None = None, synthet
     if synthetic is not None:
         validation["synthetic"] = synthetic
     return {
-        "name": name, "gate_passed": bool(g), "criteria": crit.to_dict(),
+        "name": name, "gate_passed": bool(g), "verdict": g.verdict, "criteria": crit.to_dict(),
         "operating_point": {"threshold": t, "rule": crit.operating_point, "locked_on": "onnx-fp32"},
         "reference": ref_eval.to_dict(), "gates": [g.to_dict()],
         "confusion": {"onnx-fp32": ref_eval.confusion, "onnx-int8": g.candidate_eval.confusion},
@@ -88,6 +92,16 @@ def test_report_html_has_tables_verdict_and_operating_point(written: Path) -> No
     assert "layer3.0.conv1" in page and "SNR (dB)" in page
     assert "Image name,Retinopathy grade" not in page  # the layout shows as CSV columns, lower-cased as read
     assert "CSV columns image name,retinopathy grade" in html.unescape(page)
+
+
+def test_report_says_insufficient_evidence_and_what_would_show_it(tmp_path: Path) -> None:
+    """The default margins on 150 images: no harm seen, but -1 pp / 1 % cannot be shown -> the report says so."""
+    write_reports(tmp_path, make_report(criteria=GateCriteria(n_boot=200), synthetic=False))
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verdict"] == "INSUFFICIENT EVIDENCE" and rep["gates"][0]["failures"] == []
+    md = (tmp_path / "report.md").read_text()
+    assert "Clinical gate: INSUFFICIENT EVIDENCE" in md and "Not shown:" in md and "images would show it" in md
+    assert "Evidence: confidence bounds behind each verdict" in md and "Clopper-Pearson" in md
 
 
 def test_no_figure_for_a_fallback_that_did_not_run(written: Path, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any,
     toolchain computes from the build's own scores of those two files (whatever its verdict)."""
     r = run_cli(litert_venv, "check", "--bundle", str(built.out), "--val", str(synth_val), "--json")
     doc = json.loads(r.stdout)
-    assert r.returncode == (0 if doc["passed"] else 8), r.stderr
+    assert r.returncode == {"PASS": 0, "INSUFFICIENT EVIDENCE": 15, "FAIL": 8}[doc["verdict"]], r.stderr
     assert doc["reference"] == "tflite-fp32" and set(doc["skipped"]) == {"onnx-fp32", "onnx-int8"}
     assert [g["artifact"] for g in doc["gates"]] == ["tflite-int8"]
     from fundus_edge.gate.gate import GateCriteria, gate
@@ -81,7 +81,7 @@ def test_litert_venv_check_gates_the_tflite_files(litert_venv: Path, built: Any,
                     np.array(rep["scores"]["tflite-int8"]), m["operating_point"]["threshold"],
                     GateCriteria(**m["gate"]["criteria"]), "tflite-fp32")
     got = doc["gates"][0]
-    assert (got["flips"], got["passed"]) == (expected.flips, expected.passed)
+    assert (got["flips"], got["passed"], got["verdict"]) == (expected.flips, expected.passed, expected.verdict)
     assert got["delta_auc"] == pytest.approx(expected.delta_auc, abs=1e-9)
     assert doc["evaluations"]["tflite-int8"]["auc"] == pytest.approx(
         next(g["auc"] for g in rep["gates"] if g["artifact"] == "tflite-int8"))

@@ -67,7 +67,7 @@ def _data(n: int = 80, seed: int = 0) -> tuple[GateData, np.ndarray]:
 
 
 def test_gate_scores_gates_each_candidate_against_the_reference() -> None:
-    data, ref = _data()
+    data, ref = _data(2000)  # enough images for an identical file to PASS the default margins (docs/gate.md)
     crit = GateCriteria(n_boot=50)
     bad = ref.copy()
     bad[data.labels == 1] -= 0.4  # many referable eyes fall below the threshold
@@ -81,6 +81,20 @@ def test_gate_scores_gates_each_candidate_against_the_reference() -> None:
     # the candidate's evaluation is the one its gate computed, and it matches a plain evaluation
     assert out.evaluations["b-int8"] is out.gates[1].candidate_eval
     assert out.reference_eval.sensitivity == pytest.approx(float((ref[data.labels == 1] >= 0.5).mean()))
+    assert out.verdict == "FAIL" and out.gates[0].verdict == "PASS"
+
+
+def test_gate_scores_certifies_a_searched_file_on_its_certification_part_only() -> None:
+    data, ref = _data(80)
+    cert = np.arange(40, 80)
+    out = gate_scores({"a-fp32": ref, "a-int8": ref.copy(), "b-int8": ref.copy()}, data, "a-fp32", 0.5,
+                      GateCriteria(n_boot=50), certify={"a-int8": cert})
+    a, b = out.gates
+    assert a.certification == {"images": "certification part", "n": 40, "indices": list(range(40, 80))}
+    assert a.candidate_eval.n == 40 and b.certification == {"images": "all", "n": 80}
+    # 40 (or 80) identical decisions cannot show a 1 % flip limit: no harm, but not a PASS
+    assert a.verdict == b.verdict == out.verdict == "INSUFFICIENT EVIDENCE" and not out.passed
+    assert out.evaluations["a-int8"].n == 80  # the table of metrics stays on all images
 
 
 def test_gate_scores_without_a_reference_evaluates_only() -> None:
@@ -112,13 +126,18 @@ def test_score_artifacts_reuses_known_scores_and_skips_unrunnable_formats(monkey
 
 def test_format_check_says_what_was_gated() -> None:
     from fundus_edge.cli.check_format import format_check
+    from fundus_edge.gate.drift import operating_point_drift
     from fundus_edge.pipeline.check import CheckResult
 
     data, ref = _data()
     out = gate_scores({"onnx-fp32": ref, "onnx-int8": ref}, data, "onnx-fp32", 0.5, GateCriteria(n_boot=50))
+    drift = operating_point_drift("onnx-fp32", data.labels, ref, 0.5, {"sensitivity": 0.9})
     res = CheckResult("b-1", "v.csv", 80, 40, 0.5, "sensitivity>=0.9", out.passed, "onnx-fp32", True,
-                      out.evaluations, out.gates, skipped={"tflite-int8": "no LiteRT"})
+                      out.evaluations, out.gates, skipped={"tflite-int8": "no LiteRT"}, drift=drift)
     text = format_check(res)
     assert text.splitlines()[0].startswith("bundle b-1: 80 images (40 referable) from v.csv; threshold 0.5000")
     assert "tflite-int8 not checked: no LiteRT" in text and "gate onnx-int8 vs onnx-fp32" in text
-    assert text.endswith("check: PASSED") and "text" not in res.to_dict()
+    assert "not shown: 0 decisions flipped" in text and "about 299 images would show it" in text
+    assert "operating point onnx-fp32   sensitivity 1.0000 (95% CI 0.912-1.000, n 40) vs target 0.9000 -> OK" in text
+    assert text.endswith("check: INSUFFICIENT EVIDENCE") and "text" not in res.to_dict()
+    assert res.to_dict()["verdict"] == "INSUFFICIENT EVIDENCE" and res.to_dict()["drift"][0]["target"] == 0.9
