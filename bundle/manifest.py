@@ -10,9 +10,8 @@ Schema v2 over v1: ``task`` ("classification"; "segmentation" comes next) and ``
 output tensor means: for classification the class names and positive classes, which v1 kept under ``model``,
 the activation and the kind); ``output.kind`` moved into the meaning.
 
-Typed at the top only (kept as JSON objects, checked to be objects keyed by artifact id): ``quantization`` and
-``export`` (the rich per-artifact reports), ``gate.criteria``, ``gate.quality``, each artifact's ``gate`` record
-and ``model.training``.
+Typed at the top only (JSON objects keyed by artifact id): ``quantization``, ``export``, ``gate.criteria``,
+``gate.quality``, each artifact's ``gate`` record and ``model.training``.
 
 Segmentation (``task: "segmentation"``): ``output.meaning`` is a :class:`SegmentationMeaning` (``kind``
 "pixel-logits": channels, sigmoid, the vessel channel, the locked pixel threshold) and ``dense`` holds the dense
@@ -111,8 +110,6 @@ def _parse_meaning(v: Any, where: str) -> OutputMeaning:
 
 _MEANING = Codec(_parse_meaning, dump, {"anyOf": [schema_of(ClassificationMeaning, {}),
                                                   schema_of(SegmentationMeaning, {})]})
-
-
 
 
 @dataclass(frozen=True, kw_only=True)
