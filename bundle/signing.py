@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, BundleSignatureError, MissingDependencyError, UsageError
-from .read import MANIFEST, Bundle, load_bundle
+from ..errors import BundleSignatureError, MissingDependencyError, UsageError
+from .read import MANIFEST, MAX_MANIFEST_BYTES, Bundle, load_bundle, read_bundle_file
 
 SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_SCHEMA = "fundus-edge/bundle-signature"
@@ -226,14 +226,14 @@ def sign_bundle(root: str | os.PathLike[str], key: SigningKey) -> Path:
 def read_signature(root: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The parsed ``manifest.sig``, None when absent. Anything but the exact canonical form is refused."""
     p = Path(root) / SIGNATURE_FILE
-    if not p.exists():
+    raw = read_bundle_file(Path(root), SIGNATURE_FILE, 4096, missing_ok=True)  # a regular file, never a FIFO
+    if raw is None:
         return None
 
     def bad(why: str) -> BundleSignatureError:
         return BundleSignatureError("malformed-signature", f"{p} is damaged or altered ({why}); do not use this "
                                                            "bundle: copy it again from its source")
 
-    raw = p.read_bytes()
     try:
         doc = json.loads(raw)
     except ValueError as exc:
@@ -335,27 +335,21 @@ def verify_bundle_signature(root: str | os.PathLike[str], policy: TrustPolicy) -
     """
     r = Path(root)
     if not policy.active:
-        return SignatureStatus(signed=(r / SIGNATURE_FILE).exists(), verified=False, key_id=None,
+        return SignatureStatus(signed=os.path.lexists(r / SIGNATURE_FILE), verified=False, key_id=None,
                                manifest_sha256=_manifest_digest(r))
     keys = load_trusted_keys(policy.trusted_keys) if policy.trusted_keys else {}
     return check_signature(r, keys, policy.require_signature, f"the trusted keys in {policy.trusted_keys}")
 
 
 def _manifest_digest(root: Path) -> str:
-    try:
-        return hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise BundleError(f"{root} has no readable {MANIFEST}; it is not a fundus-edge bundle") from exc
+    return hashlib.sha256(read_bundle_file(root, MANIFEST, MAX_MANIFEST_BYTES) or b"").hexdigest()
 
 
 def check_signature(root: str | os.PathLike[str], keys: dict[str, PublicKey], require: bool,
                     keys_label: str = "the trusted keys") -> SignatureStatus:
     """Verify ``manifest.sig`` of ``root`` against ``keys`` (by key id)."""
     r = Path(root)
-    try:
-        manifest = (r / MANIFEST).read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{r} has no readable {MANIFEST}; it is not a fundus-edge bundle") from exc
+    manifest = read_bundle_file(r, MANIFEST, MAX_MANIFEST_BYTES) or b""
     digest = hashlib.sha256(manifest).hexdigest()
     doc = read_signature(r)
     if doc is None:

@@ -208,7 +208,8 @@ def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, f
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     art, note = pick_artifact(b, artifact, fmt, precision)
-    backend = create_backend(art.format, b.path(art), settings)
+    # the engine is built from bytes read once and checked against the manifest, never from the path again
+    backend = create_backend(art.format, b.path(art), settings, model_bytes=b.read_artifact(art))
     backend.activate()
     return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers, artifact_note=note)
 

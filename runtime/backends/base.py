@@ -50,8 +50,12 @@ class Backend(ABC):
 
     name = "backend"
 
-    def __init__(self, model_path: str | Path, settings: BackendSettings | None = None) -> None:
+    def __init__(self, model_path: str | Path, settings: BackendSettings | None = None,
+                 model_bytes: bytes | None = None) -> None:
         self.model_path = Path(model_path)
+        # The verified bytes of the model (Bundle.read_artifact): when given, the engine is built from these and
+        # the path is only a name for messages; it is never opened again after verification.
+        self.model_bytes = model_bytes
         self.settings = settings or BackendSettings()
         self.timings = BackendTimings()
         self._active = False
@@ -63,7 +67,7 @@ class Backend(ABC):
     def activate(self) -> None:
         if self._active:
             return
-        if not self.model_path.is_file():
+        if self.model_bytes is None and not self.model_path.is_file():
             raise FundusEdgeError(f"model file {self.model_path} does not exist")
         t0 = time.perf_counter()
         self.activate_impl()
