@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, StoreError, UsageError
-from .choices import pipeline_settings, screen_choices, use_pipeline
+from .choices import decode_limits_for, pipeline_settings, screen_choices, use_pipeline
 from .output import emit, screening_line, warn
 
 FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id", "eye",
@@ -154,7 +154,8 @@ def screen_field(args: argparse.Namespace) -> int:
         try:
             store = ResultStore(args.store) if args.store else None
             session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
-                                   choose=choose, mode="watch" if args.watch is not None else "batch")
+                                   choose=choose, mode="watch" if args.watch is not None else "batch",
+                                   decode_limits=decode_limits_for(args))
             if policy.active and not session.status.signed:
                 warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
                      "(--require-signature)")

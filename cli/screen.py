@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, UsageError
-from .choices import pipeline_settings, screen_choices, use_pipeline
+from .choices import decode_limits_for, pipeline_settings, screen_choices, use_pipeline
 from .field import screen_field, wants_field
 from .output import emit, screening_line, screening_summary
 
@@ -33,7 +33,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     pipeline = use_pipeline(args.pipeline, len(sources))
     bundle: Any = loaded[0] if loaded else args.bundle
     screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision,
-                    settings=pipeline_settings(settings, pipeline))
+                    settings=pipeline_settings(settings, pipeline), decode_limits=decode_limits_for(args))
     with screener:
         results = list(screener.screen_many(sources, pipeline=pipeline))
     n_err = sum(1 for r in results if not r)

@@ -27,9 +27,12 @@ class UnsafeFileError(Exception):
         self.detail = detail
 
 
-def _open_regular(path: str | os.PathLike[str], max_bytes: int | None) -> tuple[int, int]:
+def _open_regular(path: str | os.PathLike[str], max_bytes: int | None, follow_symlinks: bool = False
+                  ) -> tuple[int, int]:
     """An open read-only descriptor of ``path`` and its size, or :class:`UnsafeFileError`."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as exc:
@@ -54,9 +57,11 @@ def _open_regular(path: str | os.PathLike[str], max_bytes: int | None) -> tuple[
     return fd, st.st_size
 
 
-def read_regular(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
-    """The bytes of a regular file (no symlink, FIFO, device or directory), at most ``max_bytes`` of them."""
-    fd, size = _open_regular(path, max_bytes)
+def read_regular(path: str | os.PathLike[str], max_bytes: int | None = None, follow_symlinks: bool = False
+                 ) -> bytes:
+    """The bytes of a regular file (no FIFO, device or directory; no symlink unless ``follow_symlinks``, and
+    then the target must be a regular file), at most ``max_bytes`` of them."""
+    fd, size = _open_regular(path, max_bytes, follow_symlinks)
     try:
         with os.fdopen(fd, "rb", closefd=True) as fh:
             cap = size if max_bytes is None else min(size, max_bytes)
@@ -68,10 +73,10 @@ def read_regular(path: str | os.PathLike[str], max_bytes: int | None = None) -> 
     return data
 
 
-def sha256_regular(path: str | os.PathLike[str], max_bytes: int | None = None, chunk: int = 1 << 20
-                   ) -> tuple[str, int]:
+def sha256_regular(path: str | os.PathLike[str], max_bytes: int | None = None, chunk: int = 1 << 20,
+                   follow_symlinks: bool = False) -> tuple[str, int]:
     """sha256 (hex) and byte count of a regular file, streamed (for files too large to hold in memory)."""
-    fd, _ = _open_regular(path, max_bytes)
+    fd, _ = _open_regular(path, max_bytes, follow_symlinks)
     h = hashlib.sha256()
     n = 0
     try:

@@ -19,6 +19,7 @@ from fundus_edge.errors import BundleIntegrityError
 from fundus_edge.runtime import screen as screen_mod
 from fundus_edge.runtime.backends.onnx_scan import has_external_data
 
+
 @pytest.fixture()
 def signed(bundle_copy: Path, tmp_path: Path) -> tuple[Path, TrustPolicy]:
     keys = generate_keypair(tmp_path / "keys", "clinic")

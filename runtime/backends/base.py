@@ -16,6 +16,10 @@ import numpy as np
 
 from ...errors import FundusEdgeError, UsageError
 
+# inference threads one process may ask for: more than any supported device has cores, few enough that a typo
+# (--threads 100000) cannot exhaust the machine
+MAX_THREADS = 64
+
 
 @dataclass(frozen=True)
 class BackendSettings:
@@ -34,6 +38,8 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise UsageError(f"threads must be >= 0 (0 lets the backend decide), got {self.threads}")
+        if self.threads > MAX_THREADS:
+            raise UsageError(f"threads must be at most {MAX_THREADS} (a handheld has a few cores), got {self.threads}")
         if self.graph_optimization not in ("disabled", "basic", "extended", "all"):
             raise UsageError(f"graph_optimization must be disabled, basic, extended or all, got "
                              f"{self.graph_optimization!r}")
