@@ -107,6 +107,15 @@ class FieldSession:
         patient = patient or Patient()
         return self._complete(self._read(path, patient))
 
+    def record_failure(self, path: str | os.PathLike[str], patient: Patient | None, code: str,
+                       message: str) -> StoredScreening:
+        """Store (and audit) ``path`` as failed with ``code`` without screening it (a quarantined file)."""
+        patient = patient or Patient()
+        rec = self._base(str(path), None, patient)
+        with contextlib.suppress(UnsafeFileError):
+            rec.image_sha256 = sha256_regular(path, follow_symlinks=True)[0]
+        return self._complete(_Fetched(rec, patient, None, {"code": code, "message": message}))
+
     def screen_files(self, paths: Iterable[str | os.PathLike[str]], patient: Patient | None = None,
                      pipeline: bool = False, stop: threading.Event | None = None) -> Iterator[StoredScreening]:
         """:meth:`screen_file` for each path, in order; stops before the next file once ``stop`` is set.

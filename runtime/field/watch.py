@@ -12,6 +12,12 @@
 - **What happens to a processed file** (``after``): ``keep`` leaves it (the store makes a second look cheap:
   one hash, no inference); ``move`` moves it to ``move_to`` (failed images to ``move_to/failed``), ``mark``
   writes a ``NAME.screened`` file next to it holding the result's row id, decision or error code.
+- **One file never blocks the queue.** Before a file is screened, ``STORE.inflight`` records it and the attempt
+  number (atomically, synced); it is cleared once the result is stored. A file that stopped the screener (a crash,
+  the kernel's OOM killer) is found there when the watcher is started again, and is tried once more; after
+  :data:`QUARANTINE_AFTER` attempts it is quarantined: stored and audited as an ``internal-error`` and handled like
+  any failed image (``--after move``: into ``failed/``), and the queue goes on. Images too large for the device
+  are refused before decoding (runtime/decode_limits.py), so they are recorded errors, not crashes.
 - **Stopping.** :meth:`Watcher.run` returns after the current image once ``stop`` is set (the CLI sets it on
   SIGINT/SIGTERM), so a stop never leaves a half-recorded image.
 
@@ -36,6 +42,8 @@ from .session import FieldSession, Patient
 from .store import StoredScreening
 
 MARK_SUFFIX = ".screened"
+INFLIGHT_SUFFIX = ".inflight"
+QUARANTINE_AFTER = 2  # attempts that ended the screener: the first and one retry
 AFTER_CHOICES = ("keep", "move", "mark")
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _PNG_SIG, _PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
@@ -183,12 +191,49 @@ class Watcher:
             if not self._ready(p, st, now):
                 waiting += 1
                 continue
-            rec = self.session.screen_file(p, self.patient)
-            self._finish(p, (st.st_size, st.st_mtime_ns, st.st_ino), rec)
+            key = (st.st_size, st.st_mtime_ns, st.st_ino)
+            rec = self._screen_guarded(p, key)
+            self._finish(p, key, rec)
             processed += 1
             if self.on_result is not None:
                 self.on_result(rec)
         return processed, waiting
+
+    # ------------------------------------------------------------------------------------------ quarantine
+    @property
+    def journal(self) -> Path | None:
+        store = self.session.store
+        return Path(str(store.path) + INFLIGHT_SUFFIX) if store is not None else None
+
+    def _attempts(self, p: Path, key: tuple[int, int, int]) -> int:
+        """How many earlier runs started on this file (this size/mtime/inode) and never finished it."""
+        try:
+            doc = json.loads(self.journal.read_text()) if self.journal is not None else None
+        except (OSError, ValueError):
+            return 0
+        if isinstance(doc, dict) and doc.get("path") == str(p) and doc.get("key") == list(key):
+            n = doc.get("attempts")
+            return n if isinstance(n, int) and n > 0 else 0
+        return 0
+
+    def _screen_guarded(self, p: Path, key: tuple[int, int, int]) -> StoredScreening:
+        tried = self._attempts(p, key)
+        journal = self.journal
+        if tried >= QUARANTINE_AFTER:
+            rec = self.session.record_failure(
+                p, self.patient, "internal-error",
+                f"quarantined: screening this file stopped the screener {tried} times (a crash, or the memory "
+                "limit); it is not tried again")
+            if self.session.audit is not None:
+                self.session.audit.record("quarantined", session_id=self.session.session_id, attempts=tried,
+                                          image_sha256=rec.image_sha256, row=rec.id or None)
+        else:
+            if journal is not None:
+                _write_synced(journal, json.dumps({"path": str(p), "key": list(key), "attempts": tried + 1}))
+            rec = self.session.screen_file(p, self.patient)
+        if journal is not None:
+            journal.unlink(missing_ok=True)
+        return rec
 
     def run(self) -> WatchSummary:
         """Poll until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do)."""
@@ -228,6 +273,17 @@ class Watcher:
                 self.session.audit.record("after-failed", session_id=self.session.session_id, action=self.opt.after,
                                           row=rec.id, error=exc.strerror or type(exc).__name__)
         self._handled.add((p, key))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, durably (a crash right after leaves the old or the new content)."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(d: Path) -> None:
