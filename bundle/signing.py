@@ -258,6 +258,8 @@ class TrustPolicy:
 
     trusted_keys: Path | None = None
     require_signature: bool = False
+    # keys named on the command line under a config that requires signatures: only keys in both are trusted
+    narrow_to: Path | None = None
 
     def __post_init__(self) -> None:
         if self.require_signature and self.trusted_keys is None:
@@ -270,7 +272,7 @@ class TrustPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trusted_keys": str(self.trusted_keys) if self.trusted_keys else None,
-                "require_signature": self.require_signature}
+                "require_signature": self.require_signature, "narrow_to": str(self.narrow_to or "") or None}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TrustPolicy:
@@ -308,8 +310,10 @@ class TrustPolicy:
         return cls(trusted_keys=(p.parent / keys) if keys else None, require_signature=require)
 
     def tightened(self, trusted_keys: Path | None, require_signature: bool) -> TrustPolicy:
-        """This policy combined with command-line options, which can add keys' directory or requirements but
-        never relax a requirement from the config."""
+        """This policy combined with command-line options, which can add requirements but never relax the
+        config's: under a config that requires signatures, --trusted-keys only narrows its keys."""
+        if self.require_signature and self.trusted_keys is not None and trusted_keys is not None:
+            return TrustPolicy(self.trusted_keys, True, narrow_to=trusted_keys)
         return TrustPolicy(trusted_keys=trusted_keys or self.trusted_keys,
                            require_signature=self.require_signature or require_signature)
 
@@ -338,6 +342,8 @@ def verify_bundle_signature(root: str | os.PathLike[str], policy: TrustPolicy) -
         return SignatureStatus(signed=os.path.lexists(r / SIGNATURE_FILE), verified=False, key_id=None,
                                manifest_sha256=_manifest_digest(r))
     keys = load_trusted_keys(policy.trusted_keys) if policy.trusted_keys else {}
+    if policy.narrow_to is not None:
+        keys = {k: v for k, v in keys.items() if k in load_trusted_keys(policy.narrow_to)}
     return check_signature(r, keys, policy.require_signature, f"the trusted keys in {policy.trusted_keys}")
 
 

@@ -62,8 +62,10 @@ def test_huge_16bit_png_in_front_of_50_files_under_the_pi4_memory_cap(built: Any
     assert proc.returncode in (0, 10), proc.stderr[-2000:]
     with sqlite3.connect(db) as con:
         rows = dict(con.execute("SELECT source, COALESCE(error_code, decision) FROM screenings").fetchall())
+        huge_message = con.execute("SELECT error_message FROM screenings WHERE source LIKE '%huge16.png'").fetchone()
     by_name = {Path(k).name: v for k, v in rows.items()}
     assert by_name["000-huge16.png"] == "too-large"
+    assert "budget" in huge_message[0]  # refused from its header, before decoding (not a MemoryError mid-decode)
     assert all(by_name.get(n) in ("refer", "no-refer", "ungradable") for n in good), by_name
     assert sum(1 for n in good if n in by_name) == 50
     assert wall < 170

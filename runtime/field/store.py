@@ -265,6 +265,9 @@ class ResultStore:
         values.pop("id")
         values["created_at"] = utc_now()
         values["ok"] = int(bool(values["ok"]))
+        for k in ("source", "error_message"):  # a file name that is not UTF-8: its odd bytes kept as \\xNN
+            if isinstance(values[k], str):
+                values[k] = values[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         for k in _JSON_COLUMNS:
             values[k] = json.dumps(values[k], sort_keys=True) if values[k] is not None else None
         c = self._conn
