@@ -105,3 +105,28 @@ def test_a_file_that_stopped_the_screener_is_retried_once_then_quarantined(built
     assert rows[c.name][0] == "internal-error" and "quarantined" in rows[c.name][1]
     assert rows[d.name][0] is None  # and the queue went on
     assert not journal.exists()
+
+
+def test_watch_takes_camera_subfolders_and_records_skipped_files(built: Any, tmp_path: Path,
+                                                                 real_photos: list[Path]) -> None:
+    inbox, db, done = tmp_path / "inbox", tmp_path / "r.db", tmp_path / "inbox" / "done"
+    cam = inbox / "DCIM" / "100CAM"
+    cam.mkdir(parents=True)
+    names = _good_files(real_photos[2], cam, 2)
+    (cam / "notes.txt").write_text("not an image")
+    (inbox / ".trash").mkdir()
+    (inbox / ".trash" / "old.jpg").write_bytes((cam / names[0]).read_bytes())
+    audit_path = tmp_path / "audit.jsonl"
+    from fundus_edge.runtime.field.audit import AuditLog
+
+    with ResultStore(db) as store, AuditLog(audit_path) as audit, \
+            open_session(built.out, store=store, audit=audit, mode="watch") as session:
+        opts = WatchOptions(directory=inbox, after="move", move_to=done, poll_s=0.05, settle_s=0.0,
+                            exit_when_idle=True)
+        summary = Watcher(session, opts, Patient(), keep_results=True).run()
+    assert summary.screened == 2 and summary.errors == 0 and summary.skipped == 1
+    assert sorted(p.name for p in done.iterdir()) == sorted(names)  # moved out, and not taken again from done/
+    assert (inbox / ".trash" / "old.jpg").exists()  # hidden folders are not entered
+    skipped = [json.loads(x) for x in audit_path.read_text().splitlines() if '"watch-skipped"' in x]
+    assert [(e["reason"], e["suffix"]) for e in skipped] == [("not an image suffix", ".txt")]
+    assert "notes" not in audit_path.read_text()  # names never go into the audit log

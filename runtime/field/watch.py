@@ -43,6 +43,7 @@ from .store import StoredScreening
 
 MARK_SUFFIX = ".screened"
 INFLIGHT_SUFFIX = ".inflight"
+MAX_DEPTH = 3  # subfolders entered below the watched directory (DCIM/100CAM is 2)
 QUARANTINE_AFTER = 2  # attempts that ended the screener: the first and one retry
 AFTER_CHOICES = ("keep", "move", "mark")
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -100,11 +101,12 @@ class WatchSummary:
     screened: int = 0
     stored: int = 0
     errors: int = 0
+    skipped: int = 0  # files in the folder that are not taken (no image suffix, not a regular file)
     stopped_by: str = "idle"
     results: list[StoredScreening] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {"screened": self.screened, "stored": self.stored, "errors": self.errors,
+        return {"screened": self.screened, "stored": self.stored, "errors": self.errors, "skipped": self.skipped,
                 "stopped_by": self.stopped_by}
 
 
@@ -125,12 +127,47 @@ class Watcher:
         self.stop_reason = "stopped"
         self.summary = WatchSummary()
         self._unavailable = False
+        self._skipped: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ scanning
+    def _entries(self) -> list[os.DirEntry[str]]:
+        """Files of the watched directory and its subfolders (a camera's DCIM/100CAM), sorted by path; hidden
+        folders and ``move_to`` are not entered. Raises OSError when the watched directory itself is gone."""
+        skip = self.opt.move_to.resolve() if self.opt.move_to is not None else None
+        found: list[os.DirEntry[str]] = []
+        stack: list[tuple[Path, int]] = [(self.opt.directory, 0)]
+        while stack:
+            d, depth = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                if depth == 0:
+                    raise
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH and (skip is None or Path(e.path).resolve() != skip):
+                        stack.append((Path(e.path), depth + 1))
+                    continue
+                found.append(e)
+        return sorted(found, key=lambda e: e.path)
+
+    def _skip(self, e: os.DirEntry[str], reason: str) -> None:
+        """Say once (audit: the reason and the suffix, never the name) that a file in the folder is not taken."""
+        if e.path in self._skipped or e.name.endswith(MARK_SUFFIX):
+            return
+        self._skipped.add(e.path)
+        self.summary.skipped += 1
+        if self.session.audit is not None:
+            self.session.audit.record("watch-skipped", session_id=self.session.session_id, reason=reason,
+                                      suffix=Path(e.name).suffix.lower()[:16])
+
     def _candidates(self) -> list[tuple[Path, os.stat_result]]:
         out: list[tuple[Path, os.stat_result]] = []
         try:
-            entries = sorted(os.scandir(self.opt.directory), key=lambda e: e.name)
+            entries = self._entries()
         except OSError as exc:  # e.g. a USB stick pulled out: say so once, keep polling until it is back
             if not self._unavailable:
                 self._unavailable = True
@@ -140,11 +177,12 @@ class Watcher:
             return out
         self._unavailable = False
         for e in entries:
-            name = e.name
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if Path(e.name).suffix.lower() not in IMAGE_SUFFIXES:
+                self._skip(e, "not an image suffix")
                 continue
             try:
                 if not e.is_file(follow_symlinks=False):
+                    self._skip(e, "not a regular file")
                     continue
                 st = e.stat(follow_symlinks=False)
             except OSError:
