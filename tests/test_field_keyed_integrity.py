@@ -28,6 +28,22 @@ def _verify(db: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str
         return code, out.err
 
 
+def _sql(db: Path, *statements: str) -> None:
+    con = sqlite3.connect(db)
+    try:
+        for statement in statements:
+            con.execute(statement)
+        con.commit()
+    finally:
+        con.close()  # the WAL is checkpointed and removed: the file alone is the store
+
+
+def _restore(src: Path, db: Path) -> None:
+    for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        extra.unlink(missing_ok=True)
+    shutil.copy(src, db)
+
+
 def test_results_verify_detects_edits_deletions_and_cut_audit(built: Any, tmp_path: Path, real_photos: list[Path],
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "r.db"
@@ -42,26 +58,22 @@ def test_results_verify_detects_edits_deletions_and_cut_audit(built: Any, tmp_pa
     shutil.copy(db, pristine)
 
     # 1. a row edited with sqlite3, its triggers dropped first
-    with sqlite3.connect(db) as con:
-        con.execute("DROP TRIGGER screenings_immutable_update")
-        con.execute("UPDATE screenings SET decision = CASE decision WHEN 'refer' THEN 'no-refer' ELSE 'refer' END "
-                    "WHERE id = 2")
+    _sql(db, "DROP TRIGGER screenings_immutable_update",
+         "UPDATE screenings SET decision = CASE decision WHEN 'refer' THEN 'no-refer' ELSE 'refer' END WHERE id = 2")
     code, doc = _verify(db, capsys)
     assert code == StoreError.exit_code and isinstance(doc, dict) and not doc["ok"]
     assert any("row 2" in p for p in doc["keyed"]["problems"])
 
     # 2. the last row deleted (with its mac, so that the chain itself looks whole)
-    shutil.copy(pristine, db)
-    with sqlite3.connect(db) as con:
-        con.execute("DROP TRIGGER screenings_immutable_delete")
-        con.execute("DELETE FROM screenings WHERE id = 3")
-        con.execute("DELETE FROM row_macs WHERE id = 3")
+    _restore(pristine, db)
+    _sql(db, "DROP TRIGGER screenings_immutable_delete", "DELETE FROM screenings WHERE id = 3",
+         "DELETE FROM row_macs WHERE id = 3")
     code, doc = _verify(db, capsys)
     assert code == StoreError.exit_code and isinstance(doc, dict)
     assert any("deleted" in p or "anchor" in p for p in doc["keyed"]["problems"])
 
     # 3. the audit log's tail cut
-    shutil.copy(pristine, db)
+    _restore(pristine, db)
     assert _verify(db, capsys)[0] == 0
     log = tmp_path / "r.audit.jsonl"
     full = log.read_bytes()
@@ -72,7 +84,8 @@ def test_results_verify_detects_edits_deletions_and_cut_audit(built: Any, tmp_pa
     log.write_bytes(full)
 
     # 4. the store deleted: verify fails, and screening refuses to start a fresh, empty one in its place
-    db.unlink()
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        f.unlink(missing_ok=True)
     assert _verify(db, capsys)[0] == StoreError.exit_code
     capsys.readouterr()
     assert main(["screen", "--bundle", str(built.out), "--store", str(db), str(real_photos[0])]) == \
@@ -80,11 +93,8 @@ def test_results_verify_detects_edits_deletions_and_cut_audit(built: Any, tmp_pa
     assert "recorded 3 rows" in capsys.readouterr().err and not db.exists()
 
     # 5. ... or a store re-created by hand with other rows
-    with sqlite3.connect(pristine) as con:
-        con.execute("DROP TRIGGER screenings_immutable_delete")
-        con.execute("DELETE FROM screenings")
-        con.execute("DELETE FROM row_macs")
-    shutil.copy(pristine, db)
+    _sql(pristine, "DROP TRIGGER screenings_immutable_delete", "DELETE FROM screenings", "DELETE FROM row_macs")
+    _restore(pristine, db)
     code, doc = _verify(db, capsys)
     assert code == StoreError.exit_code
     assert main(["screen", "--bundle", str(built.out), "--store", str(db), str(real_photos[0])]) == \
