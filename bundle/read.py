@@ -19,12 +19,29 @@ from typing import Any
 from ..errors import BundleError, BundleIntegrityError
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
+from ..runtime.safe_io import UnsafeFileError, inside, read_regular, sha256_regular
 from ._files import MANIFEST, file_entry, sha256_file
 from .manifest import SCHEMA, SCHEMA_VERSION, Artifact, Manifest, OperatingPoint
 from .write import write_manifest
 
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; anything near this is not one
+
 __all__ = ["MANIFEST", "SCHEMA", "SCHEMA_VERSION", "Artifact", "Bundle", "Manifest", "OperatingPoint", "file_entry",
-           "load_bundle", "parse_manifest", "sha256_file", "verify_files", "write_manifest"]
+           "load_bundle", "parse_manifest", "read_bundle_file", "sha256_file", "verify_files", "write_manifest"]
+
+
+def read_bundle_file(root: Path, rel: str, max_bytes: int | None, missing_ok: bool = False) -> bytes | None:
+    """The bytes of the bundle file ``rel``: a regular file inside ``root`` (not a symlink, FIFO, device or
+    directory), at most ``max_bytes``. Raises :class:`BundleError` (exit 4); None when absent and ``missing_ok``."""
+    try:
+        return read_regular(inside(root, rel), max_bytes)
+    except UnsafeFileError as exc:
+        if exc.reason == "missing" and missing_ok:
+            return None
+        if exc.reason == "missing":
+            raise BundleError(f"{root} has no {rel}; it is not a complete fundus-edge bundle") from exc
+        raise BundleIntegrityError(f"bundle file {rel} {exc.detail}: refusing the bundle; copy it again from its "
+                                   "source") from exc
 
 
 class Bundle:
@@ -93,6 +110,20 @@ class Bundle:
     def path(self, artifact: Artifact) -> Path:
         return self.root / artifact.path
 
+    def read_artifact(self, artifact: Artifact) -> bytes:
+        """The model file's bytes, read once and checked against the manifest's sha256 and size: hand THESE bytes
+        to the backend (never re-open the path, which may have been swapped since it was verified)."""
+        entry = self.spec.files.get(artifact.path)
+        if entry is None:
+            raise BundleIntegrityError(f"artifact {artifact.id}: {artifact.path} is not listed among the bundle's "
+                                       "files; rebuild the bundle")
+        data = read_bundle_file(self.root, artifact.path, entry.bytes)
+        assert data is not None
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BundleIntegrityError(f"bundle file {artifact.path} does not match its sha256 in the manifest "
+                                       "(it changed after the bundle was verified); do not use this bundle")
+        return data
+
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -123,9 +154,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     manifest_path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle directory (build one with 'fundus-edge build')")
-    if not manifest_path.is_file():
-        raise BundleError(f"{root} has no {MANIFEST}; it is not a fundus-edge bundle")
-    raw = manifest_path.read_bytes()
+    raw = read_bundle_file(root, MANIFEST, MAX_MANIFEST_BYTES)
+    assert raw is not None
     try:
         spec = parse_manifest(raw, str(manifest_path))
     except BundleError as exc:
@@ -136,19 +166,25 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Raise :class:`BundleIntegrityError` naming the first file that is missing, resized or altered."""
+    """Raise :class:`BundleIntegrityError` naming the first file that is missing, resized or altered (or is not a
+    regular file inside the bundle: a symlink, FIFO, device or directory)."""
     for rel, entry in manifest.files.items():
-        p = (root / rel).resolve()
-        if root.resolve() not in p.parents:
-            raise BundleIntegrityError(f"manifest path {rel!r} points outside the bundle")
-        if not p.is_file():
-            raise BundleIntegrityError(f"bundle file {rel} is missing; copy the whole bundle directory again")
-        if p.stat().st_size != entry.bytes:
+        try:
+            digest, n = sha256_regular(inside(root, rel), entry.bytes)
+        except UnsafeFileError as exc:
+            if exc.reason == "missing":
+                raise BundleIntegrityError(f"bundle file {rel} is missing; copy the whole bundle directory again") \
+                    from exc
+            if exc.reason == "too-large":
+                raise BundleIntegrityError(f"bundle file {rel} {exc.detail}, the manifest says {entry.bytes}: it was "
+                                           "altered; do not use this bundle") from exc
+            raise BundleIntegrityError(f"bundle file {rel} {exc.detail}; do not use this bundle") from exc
+        if n != entry.bytes:
             raise BundleIntegrityError(
-                f"bundle file {rel} has {p.stat().st_size} bytes, the manifest says {entry.bytes}: "
+                f"bundle file {rel} has {n} bytes, the manifest says {entry.bytes}: "
                 "it was altered or truncated; do not use this bundle"
             )
-        if sha256_file(p) != entry.sha256:
+        if digest != entry.sha256:
             raise BundleIntegrityError(
                 f"bundle file {rel} does not match its sha256 in the manifest: it was altered or damaged; "
                 "do not use this bundle"

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, BundleSignatureError, MissingDependencyError, UsageError
-from .read import MANIFEST, Bundle, load_bundle
+from ..errors import BundleSignatureError, MissingDependencyError, UsageError
+from .read import MANIFEST, MAX_MANIFEST_BYTES, Bundle, load_bundle, read_bundle_file
 
 SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_SCHEMA = "fundus-edge/bundle-signature"
@@ -226,14 +226,14 @@ def sign_bundle(root: str | os.PathLike[str], key: SigningKey) -> Path:
 def read_signature(root: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The parsed ``manifest.sig``, None when absent. Anything but the exact canonical form is refused."""
     p = Path(root) / SIGNATURE_FILE
-    if not p.exists():
+    raw = read_bundle_file(Path(root), SIGNATURE_FILE, 4096, missing_ok=True)  # a regular file, never a FIFO
+    if raw is None:
         return None
 
     def bad(why: str) -> BundleSignatureError:
         return BundleSignatureError("malformed-signature", f"{p} is damaged or altered ({why}); do not use this "
                                                            "bundle: copy it again from its source")
 
-    raw = p.read_bytes()
     try:
         doc = json.loads(raw)
     except ValueError as exc:
@@ -258,6 +258,8 @@ class TrustPolicy:
 
     trusted_keys: Path | None = None
     require_signature: bool = False
+    # keys named on the command line under a config that requires signatures: only keys in both are trusted
+    narrow_to: Path | None = None
 
     def __post_init__(self) -> None:
         if self.require_signature and self.trusted_keys is None:
@@ -270,7 +272,7 @@ class TrustPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trusted_keys": str(self.trusted_keys) if self.trusted_keys else None,
-                "require_signature": self.require_signature}
+                "require_signature": self.require_signature, "narrow_to": str(self.narrow_to or "") or None}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> TrustPolicy:
@@ -308,8 +310,10 @@ class TrustPolicy:
         return cls(trusted_keys=(p.parent / keys) if keys else None, require_signature=require)
 
     def tightened(self, trusted_keys: Path | None, require_signature: bool) -> TrustPolicy:
-        """This policy combined with command-line options, which can add keys' directory or requirements but
-        never relax a requirement from the config."""
+        """This policy combined with command-line options, which can add requirements but never relax the
+        config's: under a config that requires signatures, --trusted-keys only narrows its keys."""
+        if self.require_signature and self.trusted_keys is not None and trusted_keys is not None:
+            return TrustPolicy(self.trusted_keys, True, narrow_to=trusted_keys)
         return TrustPolicy(trusted_keys=trusted_keys or self.trusted_keys,
                            require_signature=self.require_signature or require_signature)
 
@@ -335,27 +339,23 @@ def verify_bundle_signature(root: str | os.PathLike[str], policy: TrustPolicy) -
     """
     r = Path(root)
     if not policy.active:
-        return SignatureStatus(signed=(r / SIGNATURE_FILE).exists(), verified=False, key_id=None,
+        return SignatureStatus(signed=os.path.lexists(r / SIGNATURE_FILE), verified=False, key_id=None,
                                manifest_sha256=_manifest_digest(r))
     keys = load_trusted_keys(policy.trusted_keys) if policy.trusted_keys else {}
+    if policy.narrow_to is not None:
+        keys = {k: v for k, v in keys.items() if k in load_trusted_keys(policy.narrow_to)}
     return check_signature(r, keys, policy.require_signature, f"the trusted keys in {policy.trusted_keys}")
 
 
 def _manifest_digest(root: Path) -> str:
-    try:
-        return hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise BundleError(f"{root} has no readable {MANIFEST}; it is not a fundus-edge bundle") from exc
+    return hashlib.sha256(read_bundle_file(root, MANIFEST, MAX_MANIFEST_BYTES) or b"").hexdigest()
 
 
 def check_signature(root: str | os.PathLike[str], keys: dict[str, PublicKey], require: bool,
                     keys_label: str = "the trusted keys") -> SignatureStatus:
     """Verify ``manifest.sig`` of ``root`` against ``keys`` (by key id)."""
     r = Path(root)
-    try:
-        manifest = (r / MANIFEST).read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{r} has no readable {MANIFEST}; it is not a fundus-edge bundle") from exc
+    manifest = read_bundle_file(r, MANIFEST, MAX_MANIFEST_BYTES) or b""
     digest = hashlib.sha256(manifest).hexdigest()
     doc = read_signature(r)
     if doc is None:

@@ -48,6 +48,23 @@ def screen_choices(args: argparse.Namespace, get_bundle: Callable[[], Any]) -> t
     return artifact, fmt, settings
 
 
+def decode_limits_for(args: argparse.Namespace) -> Any:
+    """The per-image decode limits for ``screen``: the device profile's memory budget with --device (or the
+    [device] profile of --device-config), else the defaults of runtime/decode_limits.py."""
+    from ..runtime.decode_limits import DecodeLimits
+
+    device = getattr(args, "device", None)
+    if device is None and getattr(args, "device_config", None):
+        from ..devices.config import profile_from_device_config
+
+        device = profile_from_device_config(args.device_config)
+    if not device:
+        return DecodeLimits()
+    from ..devices import resolve_device
+
+    return DecodeLimits.for_budget_mb(resolve_device(device).memory.budget_mb())
+
+
 def use_pipeline(choice: str, n_images: int, cores: int | None = None) -> bool:
     """Whether ``screen`` overlaps decoding of the next image with inference of this one (``--pipeline``).
 

@@ -110,7 +110,7 @@ def _run_artifacts(args: argparse.Namespace, bundle: Any, inputs: _Inputs, oset:
     for art in chosen:
         x = relayout(inputs.tensors, bundle.preprocessing.layout, art.layout)
         try:
-            with create_backend(art.format, bundle.path(art), settings) as backend:
+            with create_backend(art.format, bundle.path(art), settings, bundle.read_artifact(art)) as backend:
                 logits = np.concatenate([backend.infer(np.ascontiguousarray(x[i : i + 1])) for i in range(len(x))])
         except MissingDependencyError as exc:
             if args.artifacts:

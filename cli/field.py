@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, StoreError, UsageError
-from .choices import pipeline_settings, screen_choices, use_pipeline
+from .choices import decode_limits_for, pipeline_settings, screen_choices, use_pipeline
 from .output import emit, screening_line, warn
 
 FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id", "eye",
@@ -114,6 +114,7 @@ def screen_field(args: argparse.Namespace) -> int:
     """``screen`` with a store, watch mode, patient fields or a trust policy."""
     from ..runtime import expand_inputs
     from ..runtime.field.audit import AuditLog
+    from ..runtime.field.integrity import Integrity
     from ..runtime.field.session import Patient, open_session
     from ..runtime.field.store import ResultStore
     from ..runtime.field.watch import WatchOptions
@@ -139,7 +140,8 @@ def screen_field(args: argparse.Namespace) -> int:
             raise UsageError("--after, --move-to and --exit-when-idle apply to --watch only")
         sources = expand_inputs(args.inputs)
     audit_path = _audit_path(args, policy)
-    audit = AuditLog(audit_path) if audit_path else None
+    integrity = Integrity.at(state_dir()) if args.store else None  # the device key, outside the store
+    audit = AuditLog(audit_path, integrity=integrity) if audit_path else None
     store = None
     stop, reason = threading.Event(), list[str]()
     # Signals are caught from before the bundle loads: a SIGTERM that arrives while loading (or between loading
@@ -152,9 +154,10 @@ def screen_field(args: argparse.Namespace) -> int:
             return artifact, fmt, pipeline_settings(settings, pipeline)
 
         try:
-            store = ResultStore(args.store) if args.store else None
+            store = ResultStore(args.store, integrity=integrity) if args.store else None
             session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
-                                   choose=choose, mode="watch" if args.watch is not None else "batch")
+                                   choose=choose, mode="watch" if args.watch is not None else "batch",
+                                   decode_limits=decode_limits_for(args))
             if policy.active and not session.status.signed:
                 warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
                      "(--require-signature)")
@@ -253,7 +256,9 @@ def cmd_results_export(args: argparse.Namespace) -> int:
             os.replace(tmp, out)
         else:
             n = export_rows(tracked(), sys.stdout, args.format, include_patient=not args.no_patient)
-    with AuditLog(args.audit_log or default_audit_path(store_path)) as audit:
+    from ..runtime.field.integrity import Integrity
+
+    with AuditLog(args.audit_log or default_audit_path(store_path), integrity=Integrity.at(state_dir())) as audit:
         audit.record("results-exported", store=str(store_path), rows=n, format=args.format, since=args.since,
                      until=args.until, after_id=args.after_id, last_id=last_id[0] or None,
                      to=str(args.out) if args.out else "stdout", patient_fields=not args.no_patient)
@@ -264,6 +269,7 @@ def cmd_results_export(args: argparse.Namespace) -> int:
 
 def cmd_results_verify(args: argparse.Namespace) -> int:
     from ..runtime.field.audit import verify_audit_log
+    from ..runtime.field.integrity import keyed_check
     from ..runtime.field.store import ResultStore
 
     store_path = Path(args.store)
@@ -272,10 +278,12 @@ def cmd_results_verify(args: argparse.Namespace) -> int:
         n = store.count()
     audit_path = Path(args.audit_log) if args.audit_log else default_audit_path(store_path)
     audit = verify_audit_log(audit_path) if audit_path.exists() else None
-    ok = integrity == ["ok"] and (audit is None or bool(audit))
+    keyed = keyed_check(store_path, audit_path, state_dir())
+    ok = integrity == ["ok"] and (audit is None or bool(audit)) and not keyed["problems"]
     payload = {"store": str(store_path), "rows": n, "integrity_check": integrity,
-               "audit": audit.to_dict() if audit is not None else None, "ok": ok}
-    lines = [f"{store_path}: {n} screenings, integrity_check: {'; '.join(integrity)}"]
+               "audit": audit.to_dict() if audit is not None else None, "keyed": keyed, "ok": ok}
+    lines = [f"{store_path}: {n} screenings, integrity_check: {'; '.join(integrity)}",
+             "keyed integrity (device key): " + ("; ".join(keyed["problems"]) or "intact")]
     if audit is None:
         lines.append(f"audit log {audit_path}: not found")
     else:

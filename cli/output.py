@@ -35,11 +35,28 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ANSI escapes included) and bytes that were not UTF-8
+    (surrogate escapes of file names) shown escaped; everything else as is. JSON output keeps the original."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte of a file name (os.fsdecode's surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
 def screening_line(r: Any) -> str:
     """One screening result as a line (two for an ungradable image: the reasons, then the retake hint)."""
-    name = Path(r.source).name
+    name = printable(Path(r.source).name)
     if r.error:
-        return f"{name:<28} ERROR     {r.error['code']}: {r.error['message']}"
+        return f"{name:<28} ERROR     {r.error['code']}: {printable(r.error['message'])}"
     if r.decision == "ungradable":
         q = r.quality or {}
         return (f"{name:<28} UNGRADABLE no referral decision: {'; '.join(q.get('reasons', []))}\n"

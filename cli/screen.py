@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, UsageError
-from .choices import pipeline_settings, screen_choices, use_pipeline
+from .choices import decode_limits_for, pipeline_settings, screen_choices, use_pipeline
 from .field import screen_field, wants_field
 from .output import Progress, emit, screening_line, screening_summary, warn
 
@@ -33,7 +33,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     pipeline = use_pipeline(args.pipeline, len(sources))
     bundle: Any = loaded[0] if loaded else args.bundle
     screener = load(bundle, artifact=artifact, fmt=fmt, precision=args.precision,
-                    settings=pipeline_settings(settings, pipeline))
+                    settings=pipeline_settings(settings, pipeline), decode_limits=decode_limits_for(args))
     if screener.artifact_note:  # the default artifact's backend is not installed here: another one runs
         warn(screener.artifact_note)
     results = _run(args, screener, sources, pipeline)

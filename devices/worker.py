@@ -48,7 +48,7 @@ def _recording_backend(inner: Any) -> Any:
         name = inner.name
 
         def __init__(self) -> None:
-            super().__init__(inner.model_path, inner.settings)
+            super().__init__(inner.model_path, inner.settings, inner.model_bytes)
             self.outputs: list[Any] = []
             self.input_sha256: list[str] = []
 
@@ -90,7 +90,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     n_out = len(bundle.class_names)
     for aid in request["artifacts"]:
         art = bundle.artifact(aid)
-        backend = _recording_backend(create_backend(art.format, bundle.path(art), settings))
+        backend = _recording_backend(create_backend(art.format, bundle.path(art), settings,
+                                                    bundle.read_artifact(art)))
         backend.activate()
         rows, per_image = [], []
         with Screener(bundle, art, backend) as screener:

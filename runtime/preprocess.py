@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError, UsageError
+from .decode_limits import ALLOWED_FORMATS, DecodeLimits, check_budget, read_image_file
 from .dicom import is_dicom
 from .fov import FieldOfView, detect_fov
 
@@ -137,17 +138,19 @@ def _pillow_guard() -> Iterator[None]:
         yield
 
 
-def decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+def decode(source: ImageSource, spec: PreprocessSpec, limits: DecodeLimits | None = None
+           ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to an RGB image, EXIF-oriented, using JPEG draft mode when it loses nothing we need.
 
     Returns the image and the original (undrafted, un-rotated) size. Raises :class:`ImageError`, and only
     that, for any content of ``source``.
     """
-    img, original, _ = _decode(source, spec)
+    img, original, _ = _decode(source, spec, limits)
     return img, original
 
 
-def _decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int], bool]:
+def _decode(source: ImageSource, spec: PreprocessSpec, limits: DecodeLimits | None = None
+            ) -> tuple[Image.Image, tuple[int, int], bool]:
     """:func:`decode`, plus whether the EXIF orientation swapped the axes (a quarter turn or a transpose)."""
     transposed = False
     with _pillow_guard():
@@ -155,7 +158,7 @@ def _decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tup
             opened = source
             original = opened.size
         else:
-            opened, original = _open(source, spec)
+            opened, original = _open(source, spec, limits or DecodeLimits())
         try:
             img = ImageOps.exif_transpose(opened) or opened
             transposed = img.size != opened.size
@@ -177,25 +180,27 @@ def _decode(source: ImageSource, spec: PreprocessSpec) -> tuple[Image.Image, tup
     return img, original, transposed
 
 
-def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec, limits: DecodeLimits
+          ) -> tuple[Image.Image, tuple[int, int]]:
+    """Open (header only) by the rules of :mod:`.decode_limits`: a regular file within the size cap, an allowed
+    format, a decoded size within the budget."""
     if isinstance(source, bytes):
         if not source:
             raise ImageError("empty-file", "the image data is empty")
-        fp: Any = io.BytesIO(source)
+        if len(source) > limits.max_file_bytes:
+            raise ImageError("too-large", f"the image data has {len(source)} bytes, over the limit of "
+                                          f"{limits.max_file_bytes}")
+        data = source
     else:
-        path = Path(source)
-        try:
-            if path.stat().st_size == 0:
-                raise ImageError("empty-file", f"{path} is empty (0 bytes)")
-        except OSError as exc:
-            raise ImageError("not-found", f"cannot read {path}: {exc.strerror or exc}") from exc
-        fp = path
-    if is_dicom(source):
-        return _open_dicom(source, spec)
+        data = read_image_file(source, limits)  # a FIFO or a device is refused here, never read
+        if not data:
+            raise ImageError("empty-file", f"{source} is empty (0 bytes)")
+    if is_dicom(data):
+        return _open_dicom(data, spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too-large", f"image refused as a possible decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -209,6 +214,7 @@ def _open(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec) -> tuple
         if w * h > spec.max_pixels:
             raise ImageError("too-large",
                              f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over {spec.max_pixels / 1e6:.0f} MP")
+        check_budget(img, data[:32], limits)
         if spec.draft and img.format == "JPEG" and img.mode in ("RGB", "L"):
             need = math.ceil(spec.size / spec.fov_min_fraction)
             img.draft(img.mode, (need, need))
@@ -321,13 +327,13 @@ def relayout(tensors: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 
 def preprocess(source: ImageSource, spec: PreprocessSpec, out: np.ndarray | None = None,
-               quality_size: int | None = None) -> Preprocessed:
+               quality_size: int | None = None, limits: DecodeLimits | None = None) -> Preprocessed:
     """Decode and preprocess one image into a model input. Raises :class:`ImageError` for bad images.
 
     ``quality_size``: also crop the decoded image to that size for the quality check (``quality_image``).
     """
     t0 = time.perf_counter()
-    img, original, transposed = _decode(source, spec)
+    img, original, transposed = _decode(source, spec, limits)
     t1 = time.perf_counter()
     fov = detect_fov(img, spec)
     crop = crop_resize(img, fov, spec)

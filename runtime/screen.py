@@ -15,6 +15,7 @@ import numpy as np
 from ..bundle.read import Artifact, Bundle, load_bundle
 from ..errors import ImageError, UsageError
 from .backends import BACKENDS_BY_FORMAT, Backend, BackendSettings, create_backend, installed_formats
+from .decode_limits import DecodeLimits
 from .postprocess import referable_probability
 from .preprocess import preprocess
 from .quality import QualitySpec, assess
@@ -70,9 +71,11 @@ class Screener:
     """
 
     def __init__(self, bundle: Bundle, artifact: Artifact, backend: Backend,
-                 quality: QualitySpec | None = None, reuse_buffers: bool = True, artifact_note: str | None = None
-                 ) -> None:
+                 quality: QualitySpec | None = None, reuse_buffers: bool = True, artifact_note: str | None = None,
+                 decode_limits: DecodeLimits | None = None) -> None:
         self.bundle = bundle
+        # what one image may cost before it is decoded (file size, decoded memory; runtime/decode_limits.py)
+        self.decode_limits = decode_limits or DecodeLimits()
         # why another artifact than the bundle's default runs (its backend is not installed here), or None
         self.artifact_note = artifact_note
         self.artifact = artifact
@@ -104,7 +107,7 @@ class Screener:
         check = self.quality.enabled
         try:
             pre = preprocess(source, self.spec, out=self.input_buffer(slot),
-                             quality_size=self.quality.size if check else None)
+                             quality_size=self.quality.size if check else None, limits=self.decode_limits)
         except ImageError as exc:
             result.error = {"code": exc.code, "message": str(exc)}
             return Prepared(result)
@@ -201,19 +204,23 @@ def overlapped(items: Iterable[S], first: Callable[[S, int], P], second: Callabl
 
 def load(bundle: str | os.PathLike[str] | Bundle, artifact: str | None = None, fmt: str | None = None,
          precision: str | None = None, settings: BackendSettings | None = None,
-         quality: QualitySpec | None = None, reuse_buffers: bool = True) -> Screener:
+         quality: QualitySpec | None = None, reuse_buffers: bool = True,
+         decode_limits: DecodeLimits | None = None) -> Screener:
     """Load and verify a bundle, pick an artifact (default: the manifest's), and activate its backend.
 
     ``quality``: replaces the bundle's quality spec (e.g. to measure without the gate: ``enabled=False``).
+    ``decode_limits``: the per-image file-size and decoded-memory budget (default: :class:`DecodeLimits`).
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if b.spec.task != "classification":
         raise UsageError(f"bundle {b.bundle_id} is a {b.spec.task} bundle: load it with "
                          "fundus_edge.runtime.segment.load_segmenter (the CLI's screen does)")
     art, note = pick_artifact(b, artifact, fmt, precision)
-    backend = create_backend(art.format, b.path(art), settings)
+    # the engine is built from bytes read once and checked against the manifest, never from the path again
+    backend = create_backend(art.format, b.path(art), settings, model_bytes=b.read_artifact(art))
     backend.activate()
-    return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers, artifact_note=note)
+    return Screener(b, art, backend, quality, reuse_buffers=reuse_buffers, artifact_note=note,
+                    decode_limits=decode_limits)
 
 
 def pick_artifact(b: Bundle, artifact: str | None = None, fmt: str | None = None,

@@ -13,6 +13,12 @@ DATA = Path(__file__).parent / "data"
 REAL_PHOTOS = sorted((DATA / "fundus").glob("*.jpg"))
 
 
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own state directory (device key, integrity anchors): nothing is written to $HOME."""
+    monkeypatch.setenv("FUNDUS_EDGE_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture(scope="session")
 def real_photos() -> list[Path]:
     assert len(REAL_PHOTOS) >= 5, "tests/data/fundus should hold the CC0 photographs"

@@ -36,7 +36,12 @@ def test_seeds_cover_formats_and_modes() -> None:
     assert {"jpeg", "jpeg-progressive", "jpeg-exif", "jpeg-cmyk", "png-palette", "png-16bit", "tiff", "webp",
             "gif"} <= names
     assert any(n.startswith("real-small:") for n in names)
-    for _, data in SEEDS:  # every seed is valid before mutation
+    for name, data in SEEDS:  # every seed is valid before mutation...
+        if name == "gif":  # ...except GIF, outside the decode allow-list (runtime/decode_limits.py): refused
+            with pytest.raises(ImageError) as info:
+                preprocess(data, SPEC)
+            assert info.value.code == "not-an-image"
+            continue
         assert preprocess(data, SPEC).tensor.shape == (1, 3, 224, 224)
 
 

@@ -39,16 +39,18 @@ def install_hint(fmt: str) -> str:
     return f"pip install 'fundus-edge[{EXTRA_FOR_FORMAT[fmt]}]' (adds {BACKEND_PACKAGES[fmt][0]})"
 
 
-def create_backend(fmt: str, model_path: str | Path, settings: BackendSettings | None = None) -> Backend:
-    """The backend that runs a model file of format ``fmt`` ("onnx" or "tflite")."""
+def create_backend(fmt: str, model_path: str | Path, settings: BackendSettings | None = None,
+                   model_bytes: bytes | None = None) -> Backend:
+    """The backend that runs a model file of format ``fmt`` ("onnx" or "tflite"). ``model_bytes``: the verified
+    content of the file (the engine is built from them; the path is then only a name)."""
     if fmt == "onnx":
         from .onnxrt import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model_path, settings)
+        return OnnxRuntimeBackend(model_path, settings, model_bytes)
     if fmt == "tflite":
         from .litert import LiteRTBackend
 
-        return LiteRTBackend(model_path, settings)
+        return LiteRTBackend(model_path, settings, model_bytes)
     raise UsageError(f"no runtime backend for model format {fmt!r}; this runtime knows {sorted(BACKENDS_BY_FORMAT)}")
 
 

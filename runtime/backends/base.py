@@ -16,6 +16,10 @@ import numpy as np
 
 from ...errors import FundusEdgeError, UsageError
 
+# inference threads one process may ask for: more than any supported device has cores, few enough that a typo
+# (--threads 100000) cannot exhaust the machine
+MAX_THREADS = 64
+
 
 @dataclass(frozen=True)
 class BackendSettings:
@@ -34,6 +38,8 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise UsageError(f"threads must be >= 0 (0 lets the backend decide), got {self.threads}")
+        if self.threads > MAX_THREADS:
+            raise UsageError(f"threads must be at most {MAX_THREADS} (a handheld has a few cores), got {self.threads}")
         if self.graph_optimization not in ("disabled", "basic", "extended", "all"):
             raise UsageError(f"graph_optimization must be disabled, basic, extended or all, got "
                              f"{self.graph_optimization!r}")
@@ -50,8 +56,12 @@ class Backend(ABC):
 
     name = "backend"
 
-    def __init__(self, model_path: str | Path, settings: BackendSettings | None = None) -> None:
+    def __init__(self, model_path: str | Path, settings: BackendSettings | None = None,
+                 model_bytes: bytes | None = None) -> None:
         self.model_path = Path(model_path)
+        # The verified bytes of the model (Bundle.read_artifact): when given, the engine is built from these and
+        # the path is only a name for messages; it is never opened again after verification.
+        self.model_bytes = model_bytes
         self.settings = settings or BackendSettings()
         self.timings = BackendTimings()
         self._active = False
@@ -63,7 +73,7 @@ class Backend(ABC):
     def activate(self) -> None:
         if self._active:
             return
-        if not self.model_path.is_file():
+        if self.model_bytes is None and not self.model_path.is_file():
             raise FundusEdgeError(f"model file {self.model_path} does not exist")
         t0 = time.perf_counter()
         self.activate_impl()

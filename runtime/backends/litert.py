@@ -35,9 +35,13 @@ class InterpreterApi:
     interpreter: Any  # the Interpreter class
     op_resolver_type: Any  # the OpResolverType enum, or None when the package has none
 
-    def create(self, model_path: str, threads: int | None, *, plain: bool = False) -> Any:
-        """An interpreter for ``model_path``. ``plain``: builtin kernels, no default (XNNPACK) delegate."""
-        kwargs: dict[str, Any] = {"model_path": model_path, "num_threads": threads}
+    def create(self, model_path: str, threads: int | None, *, plain: bool = False,
+               model_content: bytes | None = None) -> Any:
+        """An interpreter for ``model_path`` (or for ``model_content``, the model's bytes, when given). ``plain``:
+        builtin kernels, no default (XNNPACK) delegate."""
+        kwargs: dict[str, Any] = ({"model_content": model_content} if model_content is not None
+                                  else {"model_path": model_path})
+        kwargs["num_threads"] = threads
         if plain and self.op_resolver_type is not None:
             kwargs["experimental_op_resolver_type"] = self.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         return self.interpreter(**kwargs)
@@ -116,7 +120,7 @@ class LiteRTBackend(Backend):
         self.api = import_interpreter()
         threads = self.settings.threads or None  # 0: let the runtime decide
         try:
-            self._interp = self.api.create(str(self.model_path), threads)
+            self._interp = self.api.create(str(self.model_path), threads, model_content=self.model_bytes)
             self._interp.allocate_tensors()
         except ValueError as exc:
             raise UsageError(f"{self.model_path} is not a loadable TFLite model: {exc}") from exc

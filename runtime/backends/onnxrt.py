@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import MissingDependencyError
 from .base import Backend
+from .onnx_scan import refuse_external_data
 
 _LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
@@ -53,7 +54,10 @@ class OnnxRuntimeBackend(Backend):
         self.session_options = opts
         available = ort.get_available_providers()
         wanted = [p for p in self.settings.providers if p in available] or ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)
+        if self.model_bytes is not None:
+            refuse_external_data(self.model_bytes, self.model_path.name)
+        model: bytes | str = self.model_bytes if self.model_bytes is not None else str(self.model_path)
+        self._session = ort.InferenceSession(model, sess_options=opts, providers=wanted)
         self._input = self._session.get_inputs()[0].name
         self._output = self._session.get_outputs()[0].name
         self.providers = self._session.get_providers()

@@ -61,9 +61,10 @@ def _check_fields(fields: dict[str, Any]) -> None:
 class AuditLog:
     """Append entries to a jsonl audit log. Safe for several processes appending to the same file."""
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True, integrity: Any = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.integrity = integrity  # an integrity.Integrity: anchor the last entry outside the log
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -115,6 +116,8 @@ class AuditLog:
             os.write(self._fd, data if clean_end else b"\n" + data)
             if self.fsync:
                 os.fsync(self._fd)
+            if self.integrity is not None:
+                self.integrity.write_anchor(self.path, "audit", {"seq": entry["seq"], "hash": line_hash(data)})
         finally:
             if fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

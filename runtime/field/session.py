@@ -8,6 +8,7 @@ record the result durably, audit errors by code and hash (never by path or patie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -23,11 +24,13 @@ from ...bundle.read import Bundle
 from ...bundle.signing import SignatureStatus, TrustPolicy, verify_bundle
 from ...errors import FundusEdgeError, ImageError
 from ..backends import BackendSettings
+from ..decode_limits import DEFAULT_FILE_MB, MB, DecodeLimits
+from ..safe_io import UnsafeFileError, read_regular, sha256_regular
 from ..screen import Prepared, Screener, ScreeningResult, load, overlapped
 from .audit import AuditLog
 from .store import ResultStore, StoredScreening, StoreReader, normalize_eye, validate_patient_id
 
-MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_FILE_BYTES = DEFAULT_FILE_MB * MB
 """Files larger than this are refused (``too-large``) without being read into memory."""
 
 
@@ -58,24 +61,17 @@ class _Fetched:
     prepared: Prepared | Exception | None = None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FieldSession:
     """Screen files into a store. Create with :func:`open_session`."""
 
     def __init__(self, screener: Screener, status: SignatureStatus, store: ResultStore | None = None,
-                 audit: AuditLog | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+                 audit: AuditLog | None = None, max_file_bytes: int | None = None) -> None:
         self.screener = screener
         self.status = status
         self.store = store
         self.audit = audit
-        self.max_file_bytes = max_file_bytes
+        # the same cap as screening without a store (runtime/decode_limits.py): one rule for both
+        self.max_file_bytes = max_file_bytes or screener.decode_limits.max_file_bytes
         self.session_id = uuid.uuid4().hex[:16]
         self.counts: Counter[str] = Counter()
 
@@ -111,6 +107,15 @@ class FieldSession:
         patient = patient or Patient()
         return self._complete(self._read(path, patient))
 
+    def record_failure(self, path: str | os.PathLike[str], patient: Patient | None, code: str,
+                       message: str) -> StoredScreening:
+        """Store (and audit) ``path`` as failed with ``code`` without screening it (a quarantined file)."""
+        patient = patient or Patient()
+        rec = self._base(str(path), None, patient)
+        with contextlib.suppress(UnsafeFileError):
+            rec.image_sha256 = sha256_regular(path, follow_symlinks=True)[0]
+        return self._complete(_Fetched(rec, patient, None, {"code": code, "message": message}))
+
     def screen_files(self, paths: Iterable[str | os.PathLike[str]], patient: Patient | None = None,
                      pipeline: bool = False, stop: threading.Event | None = None) -> Iterator[StoredScreening]:
         """:meth:`screen_file` for each path, in order; stops before the next file once ``stop`` is set.
@@ -141,17 +146,19 @@ class FieldSession:
         rec = self._base(str(p), None, patient)
         data: bytes | None = None
         error: dict[str, str] | None = None
-        try:
-            size = p.stat().st_size
-            if size > self.max_file_bytes:
-                rec.image_sha256 = _sha256_file(p)
-                error = {"code": "too-large", "message": f"file is {size / 2**20:.0f} MiB, over the "
-                                                         f"{self.max_file_bytes / 2**20:.0f} MiB limit"}
+        try:  # a regular file (a FIFO or a device is refused, never read), within the size cap
+            data = read_regular(p, self.max_file_bytes, follow_symlinks=True)
+            rec.image_sha256 = hashlib.sha256(data).hexdigest()
+        except UnsafeFileError as exc:
+            if exc.reason == "too-large":
+                with contextlib.suppress(UnsafeFileError):
+                    rec.image_sha256 = sha256_regular(p, follow_symlinks=True)[0]
+                error = {"code": "too-large", "message": f"file is over the {self.max_file_bytes / 2**20:.0f} MiB "
+                                                         "limit"}
+            elif exc.reason in ("missing", "unreadable"):
+                error = {"code": "not-found", "message": f"cannot read {exc}"}
             else:
-                data = p.read_bytes()
-                rec.image_sha256 = hashlib.sha256(data).hexdigest()
-        except OSError as exc:
-            error = {"code": "not-found", "message": f"cannot read {p}: {exc.strerror or exc}"}
+                error = {"code": "not-an-image", "message": f"{exc.detail}; only regular image files are read"}
         return _Fetched(rec, patient, data, error)
 
     def _prefetch(self, path: str | os.PathLike[str], patient: Patient, slot: int,
@@ -252,7 +259,7 @@ def open_session(bundle: str | os.PathLike[str], *, policy: TrustPolicy | None =
                  store: ResultStore | None = None, audit: AuditLog | None = None, artifact: str | None = None,
                  fmt: str | None = None, precision: str | None = None,
                  settings: BackendSettings | None = None, choose: Choice | None = None,
-                 mode: str = "batch") -> FieldSession:
+                 mode: str = "batch", decode_limits: DecodeLimits | None = None) -> FieldSession:
     """Verify (signature per ``policy``, then checksums) and load a bundle. A refusal is audited and raised.
 
     ``choose``: called with the verified bundle, returns (artifact, format, settings) in place of the
@@ -262,7 +269,8 @@ def open_session(bundle: str | os.PathLike[str], *, policy: TrustPolicy | None =
     if choose is not None:
         artifact, fmt, settings = choose(verified)
     try:
-        screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings)
+        screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings,
+                        decode_limits=decode_limits)
     except FundusEdgeError as exc:
         _audit_refusal(audit, bundle, exc, policy)
         raise

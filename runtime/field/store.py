@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from ...errors import StoreError, UsageError
 from .audit import utc_now
+from .integrity import ROW_MACS_SCHEMA, Integrity, check_store_anchor, mac_new_row, store_state
 
 STORE_SCHEMA_VERSION = 1
 SYNCHRONOUS = "FULL"
@@ -185,8 +186,15 @@ def _parse_time(value: str, option: str) -> str:
 class ResultStore:
     """The SQLite store. Open with ``ResultStore(path)``; use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
+                 integrity: Integrity | None = None) -> None:
         self.path = Path(path)
+        # keyed integrity (runtime/field/integrity.py): row macs, and an anchor outside the store
+        self.integrity = integrity
+        anchor = integrity.read_anchor(self.path, "store") if integrity is not None else None
+        if not self.path.exists() and anchor is not None and anchor.get("rows"):
+            raise StoreError(f"result store {self.path} is missing, but this device recorded {anchor['rows']} rows "
+                             "in it: refusing to start a new one. Restore the store from its backup or last export")
         if not self.path.exists():
             if not create:
                 raise StoreError(f"result store {self.path} does not exist")
@@ -198,6 +206,13 @@ class ResultStore:
         try:
             self._conn = _connect(self.path)
             self._setup()
+            if integrity is not None:
+                self._conn.execute(ROW_MACS_SCHEMA)
+                problems = check_store_anchor(self._conn, integrity, self.path)
+                if problems and create:  # verify (create=False) reports them instead
+                    self._conn.close()
+                    raise StoreError(f"result store {self.path} does not match what this device recorded: "
+                                     f"{'; '.join(problems)}. Refusing to start; run 'fundus-edge results verify'")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable fundus-edge result store ({exc}); "
                              "check the path, the disk, and the file's permissions") from exc
@@ -250,6 +265,9 @@ class ResultStore:
         values.pop("id")
         values["created_at"] = utc_now()
         values["ok"] = int(bool(values["ok"]))
+        for k in ("source", "error_message"):  # a file name that is not UTF-8: its odd bytes kept as \\xNN
+            if isinstance(values[k], str):
+                values[k] = values[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         for k in _JSON_COLUMNS:
             values[k] = json.dumps(values[k], sort_keys=True) if values[k] is not None else None
         c = self._conn
@@ -265,7 +283,11 @@ class ResultStore:
                 marks = ", ".join("?" for _ in values)
                 cur = c.execute(f"INSERT INTO screenings ({cols}) VALUES ({marks})", tuple(values.values()))
                 new_id = int(cur.lastrowid or 0)
+                if self.integrity is not None:
+                    mac_new_row(c, self.integrity, new_id)
                 c.execute("COMMIT")
+                if self.integrity is not None:
+                    self.integrity.write_anchor(self.path, "store", store_state(c))
             except BaseException:
                 if c.in_transaction:
                     c.execute("ROLLBACK")

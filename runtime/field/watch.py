@@ -12,6 +12,12 @@
 - **What happens to a processed file** (``after``): ``keep`` leaves it (the store makes a second look cheap:
   one hash, no inference); ``move`` moves it to ``move_to`` (failed images to ``move_to/failed``), ``mark``
   writes a ``NAME.screened`` file next to it holding the result's row id, decision or error code.
+- **One file never blocks the queue.** Before a file is screened, ``STORE.inflight`` records it and the attempt
+  number (atomically, synced); it is cleared once the result is stored. A file that stopped the screener (a crash,
+  the kernel's OOM killer) is found there when the watcher is started again, and is tried once more; after
+  :data:`QUARANTINE_AFTER` attempts it is quarantined: stored and audited as an ``internal-error`` and handled like
+  any failed image (``--after move``: into ``failed/``), and the queue goes on. Images too large for the device
+  are refused before decoding (runtime/decode_limits.py), so they are recorded errors, not crashes.
 - **Stopping.** :meth:`Watcher.run` returns after the current image once ``stop`` is set (the CLI sets it on
   SIGINT/SIGTERM), so a stop never leaves a half-recorded image.
 
@@ -36,6 +42,9 @@ from .session import FieldSession, Patient
 from .store import StoredScreening
 
 MARK_SUFFIX = ".screened"
+INFLIGHT_SUFFIX = ".inflight"
+MAX_DEPTH = 3  # subfolders entered below the watched directory (DCIM/100CAM is 2)
+QUARANTINE_AFTER = 2  # attempts that ended the screener: the first and one retry
 AFTER_CHOICES = ("keep", "move", "mark")
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _PNG_SIG, _PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
@@ -92,11 +101,12 @@ class WatchSummary:
     screened: int = 0
     stored: int = 0
     errors: int = 0
+    skipped: int = 0  # files in the folder that are not taken (no image suffix, not a regular file)
     stopped_by: str = "idle"
     results: list[StoredScreening] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {"screened": self.screened, "stored": self.stored, "errors": self.errors,
+        return {"screened": self.screened, "stored": self.stored, "errors": self.errors, "skipped": self.skipped,
                 "stopped_by": self.stopped_by}
 
 
@@ -117,12 +127,47 @@ class Watcher:
         self.stop_reason = "stopped"
         self.summary = WatchSummary()
         self._unavailable = False
+        self._skipped: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ scanning
+    def _entries(self) -> list[os.DirEntry[str]]:
+        """Files of the watched directory and its subfolders (a camera's DCIM/100CAM), sorted by path; hidden
+        folders and ``move_to`` are not entered. Raises OSError when the watched directory itself is gone."""
+        skip = self.opt.move_to.resolve() if self.opt.move_to is not None else None
+        found: list[os.DirEntry[str]] = []
+        stack: list[tuple[Path, int]] = [(self.opt.directory, 0)]
+        while stack:
+            d, depth = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                if depth == 0:
+                    raise
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH and (skip is None or Path(e.path).resolve() != skip):
+                        stack.append((Path(e.path), depth + 1))
+                    continue
+                found.append(e)
+        return sorted(found, key=lambda e: e.path)
+
+    def _skip(self, e: os.DirEntry[str], reason: str) -> None:
+        """Say once (audit: the reason and the suffix, never the name) that a file in the folder is not taken."""
+        if e.path in self._skipped or e.name.endswith(MARK_SUFFIX):
+            return
+        self._skipped.add(e.path)
+        self.summary.skipped += 1
+        if self.session.audit is not None:
+            self.session.audit.record("watch-skipped", session_id=self.session.session_id, reason=reason,
+                                      suffix=Path(e.name).suffix.lower()[:16])
+
     def _candidates(self) -> list[tuple[Path, os.stat_result]]:
         out: list[tuple[Path, os.stat_result]] = []
         try:
-            entries = sorted(os.scandir(self.opt.directory), key=lambda e: e.name)
+            entries = self._entries()
         except OSError as exc:  # e.g. a USB stick pulled out: say so once, keep polling until it is back
             if not self._unavailable:
                 self._unavailable = True
@@ -132,11 +177,12 @@ class Watcher:
             return out
         self._unavailable = False
         for e in entries:
-            name = e.name
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if Path(e.name).suffix.lower() not in IMAGE_SUFFIXES:
+                self._skip(e, "not an image suffix")
                 continue
             try:
                 if not e.is_file(follow_symlinks=False):
+                    self._skip(e, "not a regular file")
                     continue
                 st = e.stat(follow_symlinks=False)
             except OSError:
@@ -183,12 +229,49 @@ class Watcher:
             if not self._ready(p, st, now):
                 waiting += 1
                 continue
-            rec = self.session.screen_file(p, self.patient)
-            self._finish(p, (st.st_size, st.st_mtime_ns, st.st_ino), rec)
+            key = (st.st_size, st.st_mtime_ns, st.st_ino)
+            rec = self._screen_guarded(p, key)
+            self._finish(p, key, rec)
             processed += 1
             if self.on_result is not None:
                 self.on_result(rec)
         return processed, waiting
+
+    # ------------------------------------------------------------------------------------------ quarantine
+    @property
+    def journal(self) -> Path | None:
+        store = self.session.store
+        return Path(str(store.path) + INFLIGHT_SUFFIX) if store is not None else None
+
+    def _attempts(self, p: Path, key: tuple[int, int, int]) -> int:
+        """How many earlier runs started on this file (this size/mtime/inode) and never finished it."""
+        try:
+            doc = json.loads(self.journal.read_text()) if self.journal is not None else None
+        except (OSError, ValueError):
+            return 0
+        if isinstance(doc, dict) and doc.get("path") == str(p) and doc.get("key") == list(key):
+            n = doc.get("attempts")
+            return n if isinstance(n, int) and n > 0 else 0
+        return 0
+
+    def _screen_guarded(self, p: Path, key: tuple[int, int, int]) -> StoredScreening:
+        tried = self._attempts(p, key)
+        journal = self.journal
+        if tried >= QUARANTINE_AFTER:
+            rec = self.session.record_failure(
+                p, self.patient, "internal-error",
+                f"quarantined: screening this file stopped the screener {tried} times (a crash, or the memory "
+                "limit); it is not tried again")
+            if self.session.audit is not None:
+                self.session.audit.record("quarantined", session_id=self.session.session_id, attempts=tried,
+                                          image_sha256=rec.image_sha256, row=rec.id or None)
+        else:
+            if journal is not None:
+                _write_synced(journal, json.dumps({"path": str(p), "key": list(key), "attempts": tried + 1}))
+            rec = self.session.screen_file(p, self.patient)
+        if journal is not None:
+            journal.unlink(missing_ok=True)
+        return rec
 
     def run(self) -> WatchSummary:
         """Poll until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do)."""
@@ -228,6 +311,17 @@ class Watcher:
                 self.session.audit.record("after-failed", session_id=self.session.session_id, action=self.opt.after,
                                           row=rec.id, error=exc.strerror or type(exc).__name__)
         self._handled.add((p, key))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, durably (a crash right after leaves the old or the new content)."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(d: Path) -> None:
