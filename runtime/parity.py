@@ -135,12 +135,14 @@ def merge(base: OutputSet, other: OutputSet) -> tuple[OutputSet, Merge]:
 @dataclass(frozen=True)
 class ParityTolerances:
     fp32_atol: float = 1e-3  # fp32 vs fp32: max abs logit difference
-    int8_min_agreement: float = 0.9  # any pair with an int8 side: top-1 and decision agreement
+    # any pair with an int8 side: agreement of the referral decision at the bundle's locked threshold. Top-1 (the
+    # argmax, i.e. a 0.5 threshold the device never uses) is reported, not gated: on 7 images one eye near p = 0.5
+    # failed a 0.9 top-1 rule while every referral decision agreed (as the emulated-device parity does).
+    int8_min_agreement: float = 0.9
 
     def for_pair(self, a: dict[str, Any], b: dict[str, Any]) -> Tolerance:
         if a.get("precision") == "int8" or b.get("precision") == "int8":
-            return Tolerance(atol=math.inf, min_top1_agreement=self.int8_min_agreement,
-                             min_decision_agreement=self.int8_min_agreement)
+            return Tolerance(atol=math.inf, min_top1_agreement=0.0, min_decision_agreement=self.int8_min_agreement)
         return Tolerance(atol=self.fp32_atol, min_top1_agreement=1.0, min_decision_agreement=1.0)
 
 
