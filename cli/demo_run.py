@@ -75,7 +75,10 @@ def vessel_lines(v: dict[str, Any]) -> list[str]:
         lines.append(f"  {g['artifact']:<26} ΔAUC {g['delta_auc']:+.4f}, ΔF1 {g['delta_f1']:+.4f}, min "
                      f"fp32-vs-int8 mask Dice {g['min_mask_dice']:.4f} -> {'PASS' if g['passed'] else 'FAIL'}"
                      + ("  (shipped)" if g.get("ships") else ""))
-    lines += [f"  overlay: {o}" for o in v.get("overlays", [])]
+    for o in v.get("overlays", []):
+        b = o["biomarkers"]
+        lines.append(f"  {Path(o['photo']).name} ({o['diagnosis']}): vessel density {b['density']:.3f}, fractal "
+                     f"dimension {b['fractal_dimension']:.3f}; overlay {o['overlay']}")
     return lines
 
 
