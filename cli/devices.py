@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .output import emit
+from .output import emit, refuse_word_as_path
 
 
 def _log(args: argparse.Namespace) -> Any:
@@ -78,6 +78,7 @@ def _setup(args: argparse.Namespace) -> int:
 def cmd_emulate(args: argparse.Namespace) -> int:
     if args.inputs == ["setup"] and args.bundle is None and args.install_package is None:
         return _setup(args)
+    refuse_word_as_path(args.inputs[0] if args.inputs else None, ("setup",), "emulate")
     from ..devices.profile import get_profile
     from ..runtime import expand_inputs
 

@@ -93,3 +93,15 @@ class Progress:
         if self.live:
             print("\r" + " " * (len(self.what) + 2 * len(str(self.total)) + 2) + "\r", end="", file=sys.stderr,
                   flush=True)
+
+
+def refuse_word_as_path(first: str | None, words: tuple[str, ...], command: str) -> None:
+    """A bare word where a sub-command or paths go (``quality calibrat``, ``emulate set-up``) that is not a file or
+    folder here is a mistyped sub-command, never an image name: say so instead of "file not found" per image."""
+    import re
+
+    from ..errors import UsageError
+
+    if first and re.fullmatch(r"[a-z][a-z-]*", first) and first not in words and not Path(first).exists():
+        raise UsageError(f"'{first}' is neither a file nor a sub-command of {command} (sub-commands: "
+                         f"{', '.join(words)})")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, UsageError
+from .output import refuse_word_as_path
 
 USAGE = ("fundus-edge quality [--bundle B | --spec S] [--json] IMAGE|DIR ...\n"
          "       fundus-edge quality calibrate --good DIR --bad DIR [--bundle B | --spec S] [--json] "
@@ -94,6 +95,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
         return _cmd_calibrate(_merge(args, calibrate_parser().parse_args(rest[1:])))
     if not rest:
         raise UsageError("give image files or directories, or 'calibrate --good DIR --bad DIR'")
+    refuse_word_as_path(rest[0], ("calibrate",), "quality")
     return _cmd_measure(_merge(args, images_parser().parse_args(rest)))
 
 

@@ -36,6 +36,8 @@ CASES = [
     ("quality-missing", ["quality", "{missing}"]),
     ("quality-empty", ["quality", "{folder}"]),
     ("quality-spec", ["quality", "--spec", "{photo}", "{photo}"]),
+    ("quality-typo", ["quality", "calibrat", "--good", "{folder}"]),  # a mistyped sub-command, not an image
+    ("emulate-typo", ["emulate", "--device", "rpi4", "set-up"]),
     ("devices", ["devices", "no-such-board"]),
     ("doctor", ["doctor", "--device", "no-such-board"]),
     ("emulate", ["emulate", "--device", "rpi4", "--bundle", "{missing}"]),
