@@ -280,10 +280,10 @@ class Manifest(JsonRecord):
         return [a.id for a in self.artifacts]
 
     def gate_passed(self, artifact_id: str) -> bool:
-        """The artifact's gate verdict; the reference (which the gate compares others against) passes."""
-        if self.gate is not None and artifact_id in self.gate.summary:
-            return self.gate.summary[artifact_id].passed
-        return True
+        """Passed, or INSUFFICIENT EVIDENCE that the publisher allowed at build; the reference passes."""
+        g = self.gate.summary.get(artifact_id) if self.gate is not None else None
+        allowed = self.gate is not None and bool(self.gate.allow_insufficient_evidence)
+        return g is None or g.passed or (allowed and g.verdict == "INSUFFICIENT EVIDENCE")
 
     def with_files(self, files: Mapping[str, FileEntry]) -> Manifest:
         return replace(self, files=dict(files))
