@@ -21,9 +21,11 @@ SUPPORTED = ("screen", "info", "check", "quality", "keys")
 
 def bundle_task(bundle: Path) -> str | None:
     """The ``task`` a bundle's manifest declares (unverified: only to route the command), or None."""
-    try:
-        data = json.loads((Path(bundle) / "manifest.json").read_text())
-    except (OSError, ValueError, RecursionError):  # the command's own bundle reader reports these
+    from ..runtime.safe_io import UnsafeFileError, read_regular
+
+    try:  # a regular file only, read with a cap: a FIFO or /dev/zero named manifest.json must not block routing
+        data = json.loads(read_regular(Path(bundle) / "manifest.json", 16 << 20))
+    except (OSError, ValueError, RecursionError, UnsafeFileError):  # the bundle reader reports these properly
         return None
     task = data.get("task") if isinstance(data, dict) else None
     return task if isinstance(task, str) else None
