@@ -122,6 +122,7 @@ def test_build_from_a_pt2_file(tmp_path: Path, synth_val: Path, synth_calib: Pat
     pt2 = _save_224(ref, tmp_path / "dr.pt2")
     out = tmp_path / "bundle"
     rc = main(["build", "--model", str(pt2), "--calib", str(synth_calib), "--val", str(synth_val), "--out", str(out),
+               "--allow-insufficient-evidence",
                "--formats", "onnx", "--no-debug-layers", "--n-boot", "200", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
@@ -129,9 +130,9 @@ def test_build_from_a_pt2_file(tmp_path: Path, synth_val: Path, synth_calib: Pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == str(pt2) and manifest["model"]["num_outputs"] == 2
     report = json.loads((out / "report.json").read_text())
-    assert report["gate_passed"] is True
+    assert report["verdict"] in ("PASS", "INSUFFICIENT EVIDENCE")  # no harm observed; 300 images show no margin
     gates = {g["artifact"]: g for g in report["gates"]}
-    assert gates["onnx-int8"]["passed"] is True
+    assert gates["onnx-int8"]["verdict"] in ("PASS", "INSUFFICIENT EVIDENCE")
     assert report["quantization"]["onnx-int8"]["preprocess"] == "symbolic"
     assert report["export"]["onnx-fp32"]["passed"] is True
 

@@ -28,7 +28,8 @@ def test_bundle_carries_gated_tflite_artifacts(built: Any) -> None:
         assert a["sha256"] == m["files"][a["path"]]["sha256"] == sha256_file(built.out / a["path"])
         assert "passed" in a["gate"]
     for aid in ("tflite-fp32", "tflite-int8"):
-        assert m["gate"]["summary"][aid]["passed"]
+        # no harm observed (the fixture's 300 images cannot show the default margins: INSUFFICIENT EVIDENCE, allowed)
+        assert m["gate"]["summary"][aid]["verdict"] in ("PASS", "INSUFFICIENT EVIDENCE")
     parity = m["export"]["tflite-fp32"]
     assert parity["passed"] and parity["max_abs"] < 1e-3 and parity["layout"] == "NHWC"
     q = m["quantization"]["tflite-int8"]
