@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +23,12 @@ from ..bundle.manifest import (
     TensorSpec,
 )
 from ..bundle.manifest import ModelInfo as ManifestModel
-from ..bundle.read import load_bundle, sha256_file
-from ..bundle.write import write_manifest
+from ..bundle.read import sha256_file
 from ..errors import GateFailedError
 from ..gate.segmentation import report_md
 from ..runtime.preprocess import PreprocessSpec
 from ..runtime.quality import QualitySpec
+from .bundle_stage import publish
 from .config import BuildResult
 from .progress import Progress
 
@@ -137,15 +136,5 @@ def write_seg_bundle(b: SegBuild, staging: Path, progress: Progress, signer: Any
             (staging / f"{g['artifact']}.onnx").unlink(missing_ok=True)  # measured, not shipped
     report_files = write_seg_reports(staging, report)
     manifest, files = seg_manifest(b, staging, report_files)
-    write_manifest(staging, manifest, files=files)
-    if signer is not None:
-        from ..bundle.signing import sign_bundle
-
-        sign_bundle(staging, signer)
-        progress.say(f"signed manifest.json with key {signer.key_id} -> manifest.sig")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    progress.say(f"bundle {manifest.bundle_id} -> {out} ({progress.seconds()})")
-    written = load_bundle(out).manifest
-    return BuildResult(out, written, report, passed, out, signed_by=signer.key_id if signer is not None else None)
+    written = publish(staging, out, manifest, files, signer, progress)
+    return BuildResult(out, written.manifest, report, passed, out, signed_by=written.signed_by)

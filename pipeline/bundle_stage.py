@@ -258,6 +258,13 @@ def write_bundle_stage(b: Built, report: dict[str, Any], staging: Path, signer: 
     report_files = write_reports(staging, report)
     default, device_entry = default_artifact(b, progress)
     manifest, files = build_manifest(b, staging, report_files, default, device_entry)
+    return publish(staging, out, manifest, files, signer, progress)
+
+
+def publish(staging: Path, out: Path, manifest: Manifest, files: list[str], signer: Any,
+            progress: Progress) -> Written:
+    """Write the manifest (checksums of ``files``), sign it, move ``staging`` to ``out`` atomically, and read the
+    bundle back as the device would (checksums and signature verified). Shared by every task's build."""
     write_manifest(staging, manifest, files=files)
     if signer is not None:
         from ..bundle.signing import sign_bundle
