@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageError, StoreError, UsageError
+from ..errors import ImageError, UsageError
 from .choices import decode_limits_for, pipeline_settings, screen_choices, use_pipeline
-from .output import emit, screening_line, warn
+from .output import emit, printable, screening_line, warn
 
-FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id", "eye",
-                        "audit_log")
+FIELD_SCREEN_OPTIONS = ("store", "watch", "trusted_keys", "require_signature", "device_config", "patient_id",
+                        "patient_id_file", "eye", "audit_log")
 
 
 def wants_field(args: argparse.Namespace) -> bool:
@@ -96,18 +96,30 @@ def _line(rec: Any) -> str:
     text = screening_line(rec)
     if rec.extra.get("stored"):
         text += f"  [stored result #{rec.id} from {rec.created_at}]"
-        if rec.extra.get("patient_mismatch"):
-            text += " WARNING: it was stored with different patient fields"
+    if rec.extra.get("laterality_mismatch"):
+        text += " WARNING: --eye differs from the laterality in the DICOM file"
     return text
 
 
 def _result_dict(rec: Any, show_patient: bool) -> dict[str, Any]:
     d = rec.to_dict(include_patient=show_patient)
     d["stored"] = bool(rec.extra.get("stored"))
-    if rec.extra.get("patient_mismatch"):
-        d["patient_mismatch"] = True
+    if rec.extra.get("laterality_mismatch"):
+        d["laterality_mismatch"] = True
     d["error"] = rec.error
     return d
+
+
+def _patient(args: argparse.Namespace) -> Any:
+    """Patient fields from --patient-id (visible in ``ps``), --patient-id-file or $FUNDUS_EDGE_PATIENT_ID (read
+    only with --store: without one nothing is stored) and --eye."""
+    from ..runtime.field.records import PATIENT_ID_ENV, patient_id_from
+    from ..runtime.field.session import Patient
+
+    file = getattr(args, "patient_id_file", None)
+    env = None if args.store else {k: v for k, v in os.environ.items() if k != PATIENT_ID_ENV}
+    patient = Patient.of(patient_id_from(args.patient_id, file, env), None)
+    return Patient(patient.patient_id, Patient.of(None, args.eye).eye)
 
 
 def screen_field(args: argparse.Namespace) -> int:
@@ -115,14 +127,14 @@ def screen_field(args: argparse.Namespace) -> int:
     from ..runtime import expand_inputs
     from ..runtime.field.audit import AuditLog
     from ..runtime.field.integrity import Integrity
-    from ..runtime.field.session import Patient, open_session
+    from ..runtime.field.session import open_session
     from ..runtime.field.store import ResultStore
     from ..runtime.field.watch import WatchOptions
 
     policy = _policy(args)
-    patient = Patient.of(args.patient_id, args.eye)
+    patient = _patient(args)
     if (patient.patient_id or patient.eye) and not args.store:
-        raise UsageError("--patient-id and --eye are stored with the results: give --store DB")
+        raise UsageError("--patient-id, --patient-id-file and --eye are stored with the results: give --store DB")
     if args.watch is not None:
         if args.inputs:
             raise UsageError("give image files or directories, or --watch DIR, not both")
@@ -157,7 +169,7 @@ def screen_field(args: argparse.Namespace) -> int:
             store = ResultStore(args.store, integrity=integrity) if args.store else None
             session = open_session(args.bundle, policy=policy, store=store, audit=audit, precision=args.precision,
                                    choose=choose, mode="watch" if args.watch is not None else "batch",
-                                   decode_limits=decode_limits_for(args))
+                                   decode_limits=decode_limits_for(args), out_dir=_out_dir(args))
             if policy.active and not session.status.signed:
                 warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
                      "(--require-signature)")
@@ -166,37 +178,66 @@ def screen_field(args: argparse.Namespace) -> int:
                                                             if session.status.verified else ""))
             if args.watch is not None:
                 return _run_watch(args, session, options, patient, stop, reason, head)
-            results = list(session.screen_files(sources, patient, pipeline=pipeline, stop=stop))
+            results = _stream(args, session.screen_files(sources, patient, pipeline=pipeline, stop=stop), head)
             session.close(reason[0] if reason else "done")
         finally:
             if store is not None:
                 store.close()
             if audit is not None:
                 audit.close()
-    return _batch_output(args, session, head, results, len(sources), reason)
+    return _batch_output(args, session, results, len(sources), reason)
 
 
-def _batch_output(args: argparse.Namespace, session: Any, head: str, results: list[Any], n_sources: int,
+def _out_dir(args: argparse.Namespace) -> Path:
+    """Where a segmentation bundle's masks and overlays go (--out-dir, default ./fundus-edge-vessels)."""
+    return Path(getattr(args, "out_dir", None) or "fundus-edge-vessels")
+
+
+def _stream(args: argparse.Namespace, results: Iterator[Any], head: str) -> list[Any]:
+    """Show each result as it is made (text: a line; --jsonl: ``{"result": ...}`` per line), so an interrupted
+    or crashed batch has shown what it did; --json prints one document at the end instead."""
+    jsonl = getattr(args, "jsonl", False)
+    if not args.json and not jsonl:
+        print(head, flush=True)
+    done = []
+    for rec in results:
+        done.append(rec)
+        if jsonl:
+            print(json.dumps({"result": _result_dict(rec, args.show_patient)}), flush=True)
+        elif not args.json:
+            print(_line(rec), flush=True)
+    return done
+
+
+def _batch_output(args: argparse.Namespace, session: Any, results: list[Any], n_sources: int,
                   reason: list[str]) -> int:
-    """Print (or --json) the results of a batch with a store; exit 130 when interrupted, 10 on image errors."""
+    """The summary of a batch (its results were shown as they were made; --json: one document with all);
+    exit 130 when interrupted, 10 on image errors."""
     interrupted = len(results) < n_sources
     n_err = sum(1 for r in results if r.error_code is not None)
     summary = {"n": len(results), "refer": sum(r.decision == "refer" for r in results),
                "no_refer": sum(r.decision == "no-refer" for r in results),
                "ungradable": sum(r.decision == "ungradable" for r in results), "errors": n_err,
                "stored": sum(1 for r in results if r.extra.get("stored")), "interrupted": interrupted}
-    payload = {"bundle_id": session.bundle_id, "artifact": session.screener.artifact.id,
-               "backend": session.screener.backend.name, "signature": session.status.to_dict(),
-               "store": str(args.store) if args.store else None,
-               "results": [_result_dict(r, args.show_patient) for r in results], "summary": summary}
-    lines = [head, *map(_line, results)]
-    lines.append(f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
-                 f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened"
-                 + (f", {summary['stored']} from the store" if args.store else ""))
+    if any(r.decision == "segmented" for r in results):
+        summary["segmented"] = sum(r.decision == "segmented" for r in results)
+    lines = [f"{summary['n']} images: {summary['refer']} refer, {summary['no_refer']} no-refer, "
+             f"{summary['ungradable']} ungradable (retake), {n_err} could not be screened"
+             + (f", {summary['stored']} from the store" if args.store else "")
+             + (f", {summary['segmented']} segmented" if "segmented" in summary else "")]
     if interrupted:
         lines.append(f"interrupted ({reason[0] if reason else 'stop'}): {n_sources - len(results)} images not "
                      "screened; run the same command again to go on")
-    emit(args, payload, "\n".join(lines))
+    if getattr(args, "jsonl", False):
+        print(json.dumps({"summary": summary}), flush=True)
+    elif args.json:
+        payload = {"bundle_id": session.bundle_id, "artifact": session.screener.artifact.id,
+                   "backend": session.screener.backend.name, "signature": session.status.to_dict(),
+                   "store": str(args.store) if args.store else None,
+                   "results": [_result_dict(r, args.show_patient) for r in results], "summary": summary}
+        emit(args, payload, "")
+    else:
+        print("\n".join(lines))
     if interrupted:
         return 130
     return ImageError.exit_code if n_err else 0
@@ -207,14 +248,17 @@ def _run_watch(args: argparse.Namespace, session: Any, options: Any, patient: An
     from ..runtime.field.watch import Watcher
 
     def on_result(rec: Any) -> None:
-        if args.json:
+        if args.json or getattr(args, "jsonl", False):
             print(json.dumps({"result": _result_dict(rec, args.show_patient)}), flush=True)
         else:
             print(_line(rec), flush=True)
 
     print(f"{head}; watching {options.directory} (after: {options.after}); stop with Ctrl-C or SIGTERM",
           file=sys.stderr, flush=True)
-    watcher = Watcher(session, options, patient, stop=stop, on_result=on_result)
+    def on_skip(path: str, reason: str) -> None:  # every file not taken, and why (the name shown safely)
+        print(f"fundus-edge: watch: not taking {printable(path)}: {reason}", file=sys.stderr, flush=True)
+
+    watcher = Watcher(session, options, patient, stop=stop, on_result=on_result, on_skip=on_skip)
     with stop_on_signals(stop, reason):
         try:
             summary = watcher.run()
@@ -223,135 +267,13 @@ def _run_watch(args: argparse.Namespace, session: Any, options: Any, patient: An
     if reason:
         summary.stopped_by = reason[0]
     done = summary.to_dict()
-    if args.json:
+    if args.json or getattr(args, "jsonl", False):
         print(json.dumps({"summary": done}), flush=True)
     print(f"watch stopped ({summary.stopped_by}): {summary.screened} screened, {summary.stored} already in the "
           f"store, {summary.errors} could not be screened", file=sys.stderr)
     return 0
 
 
-# ----------------------------------------------------------------------------------------------- results
-def cmd_results_export(args: argparse.Namespace) -> int:
-    from ..runtime.field.audit import AuditLog
-    from ..runtime.field.store import ResultStore, export_rows
-
-    store_path = Path(args.store)
-    with ResultStore(store_path, create=False) as store:
-        rows = store.rows(since=args.since, until=args.until, after_id=args.after_id)
-        last_id = [0]
-
-        def tracked() -> Iterator[Any]:
-            for r in rows:
-                last_id[0] = r.id
-                yield r
-
-        if args.out:
-            out = Path(args.out)
-            tmp = out.with_name("." + out.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", newline="") as fh:
-                n = export_rows(tracked(), fh, args.format, include_patient=not args.no_patient)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        else:
-            n = export_rows(tracked(), sys.stdout, args.format, include_patient=not args.no_patient)
-    from ..runtime.field.integrity import Integrity
-
-    with AuditLog(args.audit_log or default_audit_path(store_path), integrity=Integrity.at(state_dir())) as audit:
-        audit.record("results-exported", store=str(store_path), rows=n, format=args.format, since=args.since,
-                     until=args.until, after_id=args.after_id, last_id=last_id[0] or None,
-                     to=str(args.out) if args.out else "stdout", patient_fields=not args.no_patient)
-    print(f"exported {n} screenings" + (f" to {args.out}" if args.out else "") +
-          (f"; the last id is {last_id[0]} (resume with --after-id {last_id[0]})" if n else ""), file=sys.stderr)
-    return 0
-
-
-def cmd_results_verify(args: argparse.Namespace) -> int:
-    from ..runtime.field.audit import verify_audit_log
-    from ..runtime.field.integrity import keyed_check
-    from ..runtime.field.store import ResultStore
-
-    store_path = Path(args.store)
-    with ResultStore(store_path, create=False) as store:
-        integrity = store.integrity_check()
-        n = store.count()
-    audit_path = Path(args.audit_log) if args.audit_log else default_audit_path(store_path)
-    audit = verify_audit_log(audit_path) if audit_path.exists() else None
-    keyed = keyed_check(store_path, audit_path, state_dir())
-    ok = integrity == ["ok"] and (audit is None or bool(audit)) and not keyed["problems"]
-    payload = {"store": str(store_path), "rows": n, "integrity_check": integrity,
-               "audit": audit.to_dict() if audit is not None else None, "keyed": keyed, "ok": ok}
-    lines = [f"{store_path}: {n} screenings, integrity_check: {'; '.join(integrity)}",
-             "keyed integrity (device key): " + ("; ".join(keyed["problems"]) or "intact")]
-    if audit is None:
-        lines.append(f"audit log {audit_path}: not found")
-    else:
-        lines.append(f"audit log {audit_path}: {audit.entries} entries, chain "
-                     f"{'intact' if audit else 'BROKEN: ' + '; '.join(audit.problems)}"
-                     + (f", damaged lines {audit.damaged_lines}" if audit.damaged_lines else ""))
-    emit(args, payload, "\n".join(lines))
-    if not ok:
-        raise StoreError(f"{store_path} failed verification; keep a copy of the files and restore the store "
-                         "from its last export")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------- keys
-def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from ..bundle.signing import generate_keypair
-
-    keys = generate_keypair(args.out, args.name, passphrase_from_env(args.passphrase_env))
-    emit(args, keys.to_dict(),
-          f"key id {keys.key_id}\n"
-          f"private key: {keys.private} (mode 600{', encrypted' if args.passphrase_env else ''}): keep it off the "
-          "device, sign bundles with 'fundus-edge build --sign-key'\n"
-          f"public key:  {keys.public}: copy it into each device's trusted-keys directory")
-    return 0
-
-
-def cmd_keys_verify(args: argparse.Namespace) -> int:
-    from ..bundle.signing import TrustPolicy, verify_bundle
-
-    bundle, status = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_keys, require_signature=True))
-    emit(args, {"bundle": str(args.bundle), "bundle_id": bundle.bundle_id, **status.to_dict(),
-                 "files_verified": len(bundle.spec.files)},
-          f"bundle {bundle.bundle_id}: signature by key {status.key_id} verified; all "
-          f"{len(bundle.spec.files)} files match the signed manifest")
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------- register
 def register(sub: Any) -> None:
-    r = sub.add_parser("results", help="export or verify the result store")
-    rs = r.add_subparsers(dest="results_command", required=True)
-    e = rs.add_parser("export", help="export screenings as CSV or JSON lines (for sync)")
-    e.add_argument("--store", required=True, type=Path)
-    e.add_argument("--since", help="ISO date or date-time (UTC unless it has an offset)")
-    e.add_argument("--until", help="ISO date or date-time, exclusive")
-    e.add_argument("--after-id", type=int, help="only rows with an id above this (incremental sync)")
-    e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
-    e.add_argument("--out", type=Path, help="file to write (mode 600; default stdout)")
-    e.add_argument("--no-patient", action="store_true", help="leave out patient_id and eye")
-    e.add_argument("--audit-log", type=Path)
-    e.set_defaults(func=cmd_results_export)
-    v = rs.add_parser("verify", help="PRAGMA integrity_check of the store and the audit log's hash chain")
-    v.add_argument("--store", required=True, type=Path)
-    v.add_argument("--audit-log", type=Path)
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(func=cmd_results_verify)
-
-    k = sub.add_parser("keys", help="bundle signing keys (needs fundus-edge[secure])")
-    ks = k.add_subparsers(dest="keys_command", required=True)
-    kg = ks.add_parser("generate", help="create an Ed25519 key pair for signing bundles")
-    kg.add_argument("--out", required=True, type=Path, help="directory for NAME.key and NAME.pub")
-    kg.add_argument("--name", default="fundus-edge-signing")
-    kg.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in $VAR")
-    kg.add_argument("--json", action="store_true")
-    kg.set_defaults(func=cmd_keys_generate)
-    kv = ks.add_parser("verify", help="check a bundle's signature and files against trusted keys")
-    kv.add_argument("--bundle", required=True, type=Path)
-    kv.add_argument("--trusted-keys", required=True, type=Path)
-    kv.add_argument("--json", action="store_true")
-    kv.set_defaults(func=cmd_keys_verify)
-
+    """``results`` and ``keys`` live in cli/results.py; ``screen``'s field options in cli/screen.py."""

@@ -35,7 +35,7 @@ EXIT_CODES = """exit codes:
 # One module per command group, each with ``register(subparsers)`` adding its sub-command(s). Registering must
 # stay cheap: modules import heavy packages inside the command function, never at module level.
 COMMAND_MODULES: tuple[str, ...] = (".screen", ".build", ".check", ".demo", ".quantize", ".bench", ".compare",
-                                   ".quality", ".devices", ".field")
+                                   ".quality", ".devices", ".field", ".results")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,11 @@ def screening_line(r: Any) -> str:
         q = r.quality or {}
         return (f"{name:<28} UNGRADABLE no referral decision: {'; '.join(q.get('reasons', []))}\n"
                 f"{'':<29}{q.get('hint') or ''}")
+    if r.decision == "segmented":
+        b = getattr(r, "biomarkers", None) or {}
+        mask = getattr(r, "mask_path", None) or getattr(r, "mask", None)
+        return (f"{name:<28} SEGMENTED vessel density {b.get('density', float('nan')):.4f}, fractal dimension "
+                f"{b.get('fractal_dimension', float('nan')):.3f}; mask {printable(str(mask))}")
     t = r.timings_ms
     fov = "" if r.fov and r.fov.get("found") else "  (no field of view found: centre crop)"
     return (f"{name:<28} {r.decision.upper():<9} p(referable)={r.probability:.3f} (threshold {r.threshold:.3f})"

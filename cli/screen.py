@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,19 @@ def cmd_screen(args: argparse.Namespace) -> int:
     payload = {"bundle_id": screener.bundle.bundle_id, "artifact": screener.artifact.id,
                "backend": screener.backend.name, "results": [r.to_dict() for r in results], "summary": summary,
                **({"artifact_note": screener.artifact_note} if screener.artifact_note else {})}
-    emit(args, payload, screening_summary(summary))
+    if args.jsonl:
+        print(json.dumps({"summary": summary}), flush=True)
+    else:
+        emit(args, payload, screening_summary(summary))
     return ImageError.exit_code if n_err else 0
 
 
 def _run(args: argparse.Namespace, screener: Any, sources: list[str], pipeline: bool) -> list[Any]:
-    """Screen every source. Text mode prints each result as it is made (an interrupted batch has shown what it
-    did); with --json a TTY on stderr shows progress instead, and stdout gets one document at the end."""
+    """Screen every source. Text mode and --jsonl print each result as it is made (an interrupted batch has shown
+    what it did); with --json a TTY on stderr shows progress instead, and stdout gets one document at the end."""
     results = []
     progress = Progress(len(sources)) if args.json else None
-    if not args.json:
+    if not args.json and not args.jsonl:
         print(f"bundle {screener.bundle.bundle_id}, artifact {screener.artifact.id} ({screener.backend.name})",
               flush=True)
     with screener:
@@ -61,6 +65,8 @@ def _run(args: argparse.Namespace, screener: Any, sources: list[str], pipeline: 
             results.append(r)
             if progress is not None:
                 progress.step()
+            elif args.jsonl:
+                print(json.dumps({"result": r.to_dict()}), flush=True)
             else:
                 print(screening_line(r), flush=True)
     if progress is not None:
@@ -83,7 +89,11 @@ def register(sub: Any) -> None:
     s.add_argument("--pipeline", choices=["auto", "on", "off"], default="auto",
                    help="decode the next image while this one is inferred (auto: with 2+ images and 2+ cores); "
                         "the results are the same, in the same order")
-    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON document on stdout, at the end")
+    out.add_argument("--jsonl", action="store_true",
+                     help="JSON lines on stdout as results are made: {\"result\": ...} per image, then "
+                          "{\"summary\": ...}")
     s.add_argument("--out-dir", type=Path, metavar="DIR",
                    help="segmentation bundles: where each photo's NAME.vessels.png mask and NAME.overlay.png go "
                         "(default ./fundus-edge-vessels)")
@@ -98,7 +108,11 @@ def _field_options(screen: argparse.ArgumentParser) -> None:
                         "bundle is not screened again")
     g.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append-only audit log (default: next to --store as NAME.audit.jsonl)")
-    g.add_argument("--patient-id", help="stored with every result of this run (never printed or logged)")
+    g.add_argument("--patient-id", help="stored with every result of this run (never printed or logged); NOTE: a "
+                   "command-line argument is visible to every local user in 'ps': prefer --patient-id-file or "
+                   "$FUNDUS_EDGE_PATIENT_ID")
+    g.add_argument("--patient-id-file", type=Path, metavar="FILE",
+                   help="read the patient ID from the first line of FILE (keep it mode 600)")
     g.add_argument("--eye", help="left/right (also L, R, OS, OD); stored with every result of this run")
     g.add_argument("--show-patient", action="store_true", help="include patient fields in --json output")
     g.add_argument("--watch", type=Path, metavar="DIR", help="screen files as they appear in DIR (needs --store)")

@@ -62,16 +62,21 @@ def cmd_screen_seg(args: argparse.Namespace) -> int:
     from ..runtime.segment import load_segmenter
     from .field import wants_field
 
-    if wants_field(args):
-        raise UsageError("the result store, watch mode and patient fields do not take segmentation bundles yet: "
-                         "screen the photos without --store/--watch (results go to --json and --out-dir)")
+    if wants_field(args):  # result store, watch mode, patient fields, trust policy: as for classification
+        from .field import screen_field
+
+        return screen_field(args)
     if not args.inputs:
         raise UsageError("give image files or directories to segment")
     sources = expand_inputs(args.inputs)
     out_dir = args.out_dir or DEFAULT_OUT_DIR
     with load_segmenter(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
                         settings=BackendSettings(threads=1 if args.threads is None else args.threads)) as seg:
-        results = [seg.segment(s, out_dir).to_dict() for s in sources]
+        results = []
+        for s in sources:  # --jsonl: each result as it is made
+            results.append(seg.segment(s, out_dir).to_dict())
+            if getattr(args, "jsonl", False):
+                print(json.dumps({"result": results[-1]}), flush=True)
         head = f"bundle {seg.bundle.bundle_id}, artifact {seg.artifact.id} ({seg.backend.name}), segmentation"
         ids = {"bundle_id": seg.bundle.bundle_id, "artifact": seg.artifact.id, "backend": seg.backend.name}
     n_err = sum(not r["ok"] for r in results)
@@ -80,7 +85,10 @@ def cmd_screen_seg(args: argparse.Namespace) -> int:
     payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary}
     lines = [head, *map(_screen_line, results), f"{summary['segmented']} segmented, {summary['ungradable']} "
              f"ungradable, {n_err} errors; masks and overlays in {out_dir}"]
-    emit(args, payload, "\n".join(lines))
+    if getattr(args, "jsonl", False):
+        print(json.dumps({"summary": summary}), flush=True)
+    else:
+        emit(args, payload, "\n".join(lines))
     return ImageError.exit_code if n_err else 0
 
 

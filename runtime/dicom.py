@@ -234,3 +234,25 @@ def decode_dicom(data: bytes, max_pixels: int = 80_000_000) -> tuple[Image.Image
             EOFError, StopIteration) as exc:
         raise DicomError("decode-failed", f"cannot decode the DICOM file: {type(exc).__name__}: {exc}",
                          "damaged") from exc
+
+
+@dataclass(frozen=True)
+class DicomContext:
+    """What a stored result files back to (the study) and the imaged eye (R | L), from the header alone."""
+
+    study_instance_uid: str | None
+    eye: str | None
+
+
+def dicom_context(data: bytes) -> DicomContext | None:
+    """The study UID and laterality of a DICOM file's header (pixels not read; no demographics read), or None
+    when the header cannot be read or pydicom is not installed (decoding the file then says why)."""
+    try:
+        pydicom = _pydicom()
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "Laterality", "ImageLaterality"])
+        sides = [_text(ds, k) for k in ("ImageLaterality", "Laterality")]  # the image's own first, then the series'
+        study = _text(ds, "StudyInstanceUID")
+    except Exception:  # any damage: the screening of the file reports it
+        return None
+    return DicomContext(study, next((s for s in sides if s in ("R", "L")), None))

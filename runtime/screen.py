@@ -20,7 +20,13 @@ from .postprocess import referable_probability
 from .preprocess import preprocess
 from .quality import QualitySpec, assess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm"}
+
+
+def has_image_suffix(name: str) -> bool:
+    """Whether a file name ends in an image suffix, in any case, trailing spaces ignored (``IMG_1.JPG `` and
+    ``x.jpe`` are images; some camera and phone apps write such names)."""
+    return Path(name.rstrip()).suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass
@@ -251,7 +257,7 @@ def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and has_image_suffix(f.name)
                            and not f.name.startswith("."))
             if not found:
                 raise UsageError(f"directory {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -119,9 +119,11 @@ class Segmenter:
             result.decision = "ungradable"
         return bool(q)
 
-    def segment(self, source: str | os.PathLike[str] | bytes, out_dir: Path | None = None) -> SegmentationResult:
+    def segment(self, source: str | os.PathLike[str] | bytes, out_dir: Path | None = None,
+                stem: str | None = None) -> SegmentationResult:
         """Segment one photo; write ``<stem>.vessels.png`` and ``<stem>.overlay.png`` into ``out_dir`` (None:
-        write nothing). Bad images give a result with ``error`` set; they never raise."""
+        write nothing; ``stem`` defaults to the photo's). Bad images give a result with ``error`` set; they
+        never raise."""
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         result = SegmentationResult(source=name, bundle_id=self.bundle.bundle_id, artifact=self.artifact.id,
                                     threshold=self.threshold)
@@ -137,17 +139,17 @@ class Segmenter:
             result.decision = "segmented"
             t2 = time.perf_counter()
             if out_dir is not None:
-                self._write(source, name, prob, d, out_dir, result)
+                stem = stem or ("image" if isinstance(source, bytes) else Path(name).stem)
+                self._write(source, stem, prob, d, out_dir, result)
             result.timings_ms.update(segment=(t1 - t0) * 1e3, biomarkers=(t2 - t1) * 1e3,
                                      write=(time.perf_counter() - t2) * 1e3)
         except ImageError as exc:
             result.error = {"code": exc.code, "message": str(exc)}
         return result
 
-    def _write(self, source: str | os.PathLike[str] | bytes, name: str, prob: np.ndarray, d: DenseInput,
+    def _write(self, source: str | os.PathLike[str] | bytes, stem: str, prob: np.ndarray, d: DenseInput,
                out_dir: Path, result: SegmentationResult) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = "image" if isinstance(source, bytes) else Path(name).stem
         mask = to_original(prob, d.geometry) >= self.threshold
         mask_path, overlay_path = out_dir / f"{stem}.vessels.png", out_dir / f"{stem}.overlay.png"
         Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, optimize=True)
@@ -162,6 +164,7 @@ def load_segmenter(bundle: str | os.PathLike[str] | Bundle, artifact: str | None
     """Load and verify a segmentation bundle, pick an artifact (default: the manifest's), activate its backend."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     art = b.artifact(artifact, fmt=fmt, precision=precision)
-    backend = create_backend(art.format, b.path(art), settings)
+    # the engine is built from bytes read once and checked against the manifest, never from the path again
+    backend = create_backend(art.format, b.path(art), settings, model_bytes=b.read_artifact(art))
     backend.activate()
     return Segmenter(b, art, backend, quality)

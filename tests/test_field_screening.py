@@ -130,21 +130,27 @@ def test_same_image_is_not_screened_twice(built: Any, tmp_path: Path, real_photo
     first = json.loads(capsys.readouterr().out)
     copy = tmp_path / "renamed.jpg"  # same bytes under another name: same image
     copy.write_bytes(real_photos[0].read_bytes())
+    # the same patient and eye again: every result comes from the store, nothing is screened twice
+    assert main(["screen", "--bundle", str(built.out), "--store", str(db), "--patient-id", SECRET_PATIENT,
+                 "--eye", "R", *args, str(copy)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("[stored result #") == 3 and "0 could not be screened, 3 from the store" in again
+    # the same photos screened for a second patient: that patient's own rows (schema 2: the key has the patient)
     assert main(["screen", "--bundle", str(built.out), "--store", str(db), "--patient-id", "MRN-OTHER",
                  *args, str(copy)]) == 0
     out = capsys.readouterr()
     second = out.out
-    assert second.count("[stored result #") == 3 and "0 could not be screened, 3 from the store" in second
-    assert "WARNING: it was stored with different patient fields" in second
+    assert second.count("[stored result #") == 1 and "0 could not be screened, 1 from the store" in second
     with ResultStore(db) as s:
         rows = list(s.rows())
-    assert len(rows) == 2 and {r.patient_id for r in rows} == {SECRET_PATIENT} and {r.eye for r in rows} == {"right"}
-    assert [r["probability"] for r in first["results"]] == [r.probability for r in rows]
-    events = _audit_events(tmp_path / "r.audit.jsonl")
-    assert sum(e["event"] == "patient-mismatch" for e in events) == 3
-    text = out.out + out.err + (tmp_path / "r.audit.jsonl").read_text() + json.dumps(first)
+    assert len(rows) == 4
+    assert [(r.patient_id, r.eye) for r in rows] == [(SECRET_PATIENT, "right")] * 2 + [("MRN-OTHER", None)] * 2
+    assert [r.image_sha256 for r in rows[:2]] == [r.image_sha256 for r in rows[2:]]
+    assert [r["probability"] for r in first["results"]] == [r.probability for r in rows[:2]]
+    text = out.out + out.err + (tmp_path / "r.audit.jsonl").read_text() + json.dumps(first) + again
     assert SECRET_PATIENT not in text and "MRN-OTHER" not in text  # patient fields stay out unless asked
-    assert main(["screen", "--bundle", str(built.out), "--store", str(db), *args, "--json", "--show-patient"]) == 0
+    assert main(["screen", "--bundle", str(built.out), "--store", str(db), "--patient-id", SECRET_PATIENT,
+                 "--eye", "right", *args, "--json", "--show-patient"]) == 0
     assert SECRET_PATIENT in capsys.readouterr().out
 
 

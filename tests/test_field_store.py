@@ -17,6 +17,7 @@ from fundus_edge.errors import StoreError, UsageError
 from fundus_edge.runtime.field.audit import AuditLog, verify_audit_log
 from fundus_edge.runtime.field.store import (
     EXPORT_COLUMNS,
+    STORE_SCHEMA_VERSION,
     ResultStore,
     StoredScreening,
     export_rows,
@@ -39,7 +40,7 @@ def test_store_pragmas_schema_and_permissions(tmp_path: Path) -> None:
         c = s._conn
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert c.execute("PRAGMA user_version").fetchone()[0] == STORE_SCHEMA_VERSION == 2
         cols = [r[1] for r in c.execute("PRAGMA table_info(screenings)")]
         assert set(EXPORT_COLUMNS) == set(cols)
         assert s.integrity_check() == ["ok"]
@@ -66,10 +67,8 @@ def test_idempotent_add_and_retryable_errors(tmp_path: Path) -> None:
         assert not s.add(_rec(sha="d" * 64, ok=False, decision=None, error_code="decode-failed"))[1]
         assert s.count() == 8
         with pytest.raises(sqlite3.IntegrityError):  # the index itself refuses a duplicate
-            s._conn.execute("INSERT INTO screenings SELECT NULL, created_at, image_sha256, source, patient_id, eye, "
-                            "bundle_id, manifest_sha256, artifact, backend, signature_key_id, ok, decision, "
-                            "probability, threshold, quality, fov, timings_ms, error_code, error_message, "
-                            "kit_version, session_id FROM screenings WHERE id = 1")
+            cols = ", ".join(c for c in EXPORT_COLUMNS if c != "id")
+            s._conn.execute(f"INSERT INTO screenings ({cols}) SELECT {cols} FROM screenings WHERE id = 1")
 
 
 def test_records_are_immutable(tmp_path: Path) -> None:

@@ -124,9 +124,11 @@ def test_watch_takes_camera_subfolders_and_records_skipped_files(built: Any, tmp
         opts = WatchOptions(directory=inbox, after="move", move_to=done, poll_s=0.05, settle_s=0.0,
                             exit_when_idle=True)
         summary = Watcher(session, opts, Patient(), keep_results=True).run()
-    assert summary.screened == 2 and summary.errors == 0 and summary.skipped == 1
+    assert summary.screened == 2 and summary.errors == 0 and summary.skipped == 2
+    assert summary.skip_reasons == {"hidden folder": 1, "not an image suffix": 1}  # every file not taken, and why
     assert sorted(p.name for p in done.iterdir()) == sorted(names)  # moved out, and not taken again from done/
     assert (inbox / ".trash" / "old.jpg").exists()  # hidden folders are not entered
     skipped = [json.loads(x) for x in audit_path.read_text().splitlines() if '"watch-skipped"' in x]
-    assert [(e["reason"], e["suffix"]) for e in skipped] == [("not an image suffix", ".txt")]
+    assert sorted((e["reason"], e["suffix"]) for e in skipped) == [("hidden folder", ""),
+                                                                   ("not an image suffix", ".txt")]
     assert "notes" not in audit_path.read_text()  # names never go into the audit log

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import StoreError
+from .schema import mac_columns
 
 KEY_FILE = "device.key"
 ANCHOR_DIR = "anchors"
@@ -121,7 +122,8 @@ def row_dict(conn: Any, row_id: int) -> dict[str, Any]:
     cur = conn.execute("SELECT * FROM screenings WHERE id = ?", (row_id,))
     names = [d[0] for d in cur.description]
     values = cur.fetchone()
-    return dict(zip(names, values, strict=True)) if values is not None else {}
+    # the added columns that are NULL are left out: a migration (runtime/field/schema.py) changes no row's mac
+    return mac_columns(dict(zip(names, values, strict=True))) if values is not None else {}
 
 
 def mac_new_row(conn: Any, integrity: Integrity, row_id: int) -> str:

@@ -25,10 +25,16 @@ from ...bundle.signing import SignatureStatus, TrustPolicy, verify_bundle
 from ...errors import FundusEdgeError, ImageError
 from ..backends import BackendSettings
 from ..decode_limits import DEFAULT_FILE_MB, MB, DecodeLimits
+from ..dicom import dicom_context, is_dicom
 from ..safe_io import UnsafeFileError, read_regular, sha256_regular
 from ..screen import Prepared, Screener, ScreeningResult, load, overlapped
+from ..segment import SegmentationResult, load_segmenter
 from .audit import AuditLog
+from .segmentation import SegmentationScreener
 from .store import ResultStore, StoredScreening, StoreReader, normalize_eye, validate_patient_id
+
+MAYBE_INCOMPLETE = ("decode-failed", "empty-file", "not-an-image")
+"""How a file that is still being written fails to decode."""
 
 MAX_FILE_BYTES = DEFAULT_FILE_MB * MB
 """Files larger than this are refused (``too-large``) without being read into memory."""
@@ -61,11 +67,27 @@ class _Fetched:
     prepared: Prepared | Exception | None = None
 
 
+def _dicom_context(rec: StoredScreening, data: bytes, patient: Patient) -> None:
+    """A DICOM input's study and laterality into ``rec`` (and its eye, when none was given): part of the row's
+    key, so it is read before the store is asked. Never its demographics (runtime/dicom.py reads none)."""
+    if not is_dicom(data):
+        return
+    ctx = dicom_context(data)
+    if ctx is None:  # unreadable header or no pydicom: the screening reports why
+        return
+    rec.study_instance_uid, rec.laterality = ctx.study_instance_uid, ctx.eye
+    if patient.eye is None and ctx.eye is not None:
+        rec.eye = normalize_eye(ctx.eye)
+    elif patient.eye is not None and ctx.eye is not None and normalize_eye(ctx.eye) != patient.eye:
+        rec.extra["laterality_mismatch"] = True
+
+
 class FieldSession:
     """Screen files into a store. Create with :func:`open_session`."""
 
-    def __init__(self, screener: Screener, status: SignatureStatus, store: ResultStore | None = None,
-                 audit: AuditLog | None = None, max_file_bytes: int | None = None) -> None:
+    def __init__(self, screener: Screener | SegmentationScreener, status: SignatureStatus,
+                 store: ResultStore | None = None, audit: AuditLog | None = None,
+                 max_file_bytes: int | None = None) -> None:
         self.screener = screener
         self.status = status
         self.store = store
@@ -85,13 +107,16 @@ class FieldSession:
             manifest_sha256=self.screener.bundle.manifest_sha256, artifact=self.screener.artifact.id, ok=False,
             timings_ms={}, kit_version=__version__, patient_id=patient.patient_id, eye=patient.eye,
             backend=self.screener.backend.name, signature_key_id=self.status.key_id if self.status.verified else None,
-            session_id=self.session_id)
+            session_id=self.session_id, task=getattr(self.screener, "task", "classification"))
 
-    def _screen_bytes(self, data: bytes, prepared: Prepared | Exception | None = None) -> ScreeningResult:
+    def _screen_bytes(self, data: bytes, prepared: Prepared | Exception | None = None, source: str = ""
+                      ) -> ScreeningResult | SegmentationResult:
         """Screen ``data`` (or finish what the pipeline's worker prepared from it, or re-raise its failure)."""
         try:
             if isinstance(prepared, Exception):
                 raise prepared
+            if isinstance(self.screener, SegmentationScreener):
+                return self.screener.screen_named(data, source)
             return self.screener.finish(prepared) if prepared is not None else self.screener.screen(data)
         except ImageError as exc:  # Screener.screen already turns these into results; belt and braces
             return ScreeningResult(source="", error={"code": exc.code, "message": str(exc)})
@@ -101,11 +126,16 @@ class FieldSession:
             return ScreeningResult(source="", error={"code": "internal-error",
                                                      "message": f"{type(exc).__name__}: {exc}"[:300]})
 
-    def screen_file(self, path: str | os.PathLike[str], patient: Patient | None = None) -> StoredScreening:
+    def screen_file(self, path: str | os.PathLike[str], patient: Patient | None = None,
+                    defer: Callable[[StoredScreening], bool] | None = None) -> StoredScreening:
         """Screen one file (or return its stored screening). Never raises for a bad image; raises
-        :class:`~fundus_edge.errors.StoreError` when the store cannot record (nothing is recorded then)."""
+        :class:`~fundus_edge.errors.StoreError` when the store cannot record (nothing is recorded then).
+
+        ``defer``: asked about a result that failed in a way an incomplete file fails (:data:`MAYBE_INCOMPLETE`);
+        when it says True, nothing is recorded and the result comes back with ``extra["deferred"]`` set (watch
+        mode: the file was still being written; it is tried again)."""
         patient = patient or Patient()
-        return self._complete(self._read(path, patient))
+        return self._complete(self._read(path, patient), defer)
 
     def record_failure(self, path: str | os.PathLike[str], patient: Patient | None, code: str,
                        message: str) -> StoredScreening:
@@ -126,7 +156,7 @@ class FieldSession:
         recorded: the same results as one file at a time (a duplicate in the batch is found in the store)."""
         patient = patient or Patient()
         stopped = (lambda: stop.is_set()) if stop is not None else None
-        if not pipeline:
+        if not pipeline or isinstance(self.screener, SegmentationScreener):  # segmentation: one at a time
             for path in paths:
                 if stopped is not None and stopped():
                     return
@@ -149,6 +179,7 @@ class FieldSession:
         try:  # a regular file (a FIFO or a device is refused, never read), within the size cap
             data = read_regular(p, self.max_file_bytes, follow_symlinks=True)
             rec.image_sha256 = hashlib.sha256(data).hexdigest()
+            _dicom_context(rec, data, patient)
         except UnsafeFileError as exc:
             if exc.reason == "too-large":
                 with contextlib.suppress(UnsafeFileError):
@@ -168,7 +199,8 @@ class FieldSession:
         if f.data is None:
             return f
         sha = f.rec.image_sha256
-        if probe is not None and sha is not None and probe.has(sha, f.rec.manifest_sha256, f.rec.artifact):
+        if probe is not None and sha is not None and probe.has(sha, f.rec.manifest_sha256, f.rec.artifact,
+                                                               f.rec.patient_id, f.rec.eye):
             return f  # stored: _complete will find it and take it from the store
         try:
             f.prepared = self.screener.prepare(f.data, slot)
@@ -176,30 +208,28 @@ class FieldSession:
             f.prepared = exc
         return f
 
-    def _complete(self, f: _Fetched) -> StoredScreening:
+    def _complete(self, f: _Fetched, defer: Callable[[StoredScreening], bool] | None = None) -> StoredScreening:
         """Take the file's screening from the store, or screen it, record it and audit errors."""
-        rec, patient, error = f.rec, f.patient, f.error
+        rec, error = f.rec, f.error
         if self.store is not None and rec.image_sha256 is not None:
-            existing = self.store.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact)
+            existing = self.store.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact, rec.patient_id,
+                                         rec.eye)
             if existing is not None:
-                return self._repeat(existing, patient)
+                return self._repeat(existing)
         if f.data is not None:
-            result = self._screen_bytes(f.data, f.prepared)
-            rec.ok = bool(result)
-            rec.decision = result.decision
-            rec.probability = result.probability
-            rec.threshold = result.threshold
-            rec.fov = result.fov
-            rec.quality = getattr(result, "quality", None)  # set by the quality gate, when present
-            rec.timings_ms = {k: round(v, 3) for k, v in result.timings_ms.items()}
+            result = self._screen_bytes(f.data, f.prepared, rec.source)
+            _fill(rec, result)
             error = result.error
         if error is not None:
             rec.ok = False
             rec.error_code, rec.error_message = error["code"], error["message"]
+            if defer is not None and rec.error_code in MAYBE_INCOMPLETE and defer(rec):
+                rec.extra["deferred"] = True
+                return rec
         if self.store is not None:
             rec, inserted = self.store.add(rec)
-            if not inserted:  # another process recorded the same image first
-                return self._repeat(rec, patient)
+            if not inserted:  # another process recorded the same image (same patient and eye) first
+                return self._repeat(rec)
         self.counts["screened"] += 1
         if rec.error_code is not None:
             self.counts["errors"] += 1
@@ -208,16 +238,10 @@ class FieldSession:
                                   image_sha256=rec.image_sha256, row=rec.id or None)
         return rec
 
-    def _repeat(self, existing: StoredScreening, patient: Patient) -> StoredScreening:
+    def _repeat(self, existing: StoredScreening) -> StoredScreening:
+        """A stored screening of the same image for the same patient and eye (the store's key includes both)."""
         self.counts["stored"] += 1
         existing.extra["stored"] = True
-        mismatch = ((patient.patient_id is not None and patient.patient_id != existing.patient_id)
-                    or (patient.eye is not None and patient.eye != existing.eye))
-        if mismatch:
-            existing.extra["patient_mismatch"] = True
-            if self.audit is not None:
-                self.audit.record("patient-mismatch", session_id=self.session_id, row=existing.id,
-                                  image_sha256=existing.image_sha256)
         return existing
 
     def close(self, reason: str = "done") -> None:
@@ -232,6 +256,19 @@ class FieldSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fill(rec: StoredScreening, result: ScreeningResult | SegmentationResult) -> None:
+    """A screening's (or a segmentation's) outcome into its row."""
+    rec.ok = bool(result)
+    rec.decision = result.decision
+    rec.probability = getattr(result, "probability", None)  # a segmentation has none
+    rec.threshold = result.threshold
+    rec.fov = result.fov
+    rec.quality = result.quality  # set by the quality gate, when present
+    rec.timings_ms = {k: round(v, 3) for k, v in result.timings_ms.items()}
+    if isinstance(result, SegmentationResult):
+        rec.biomarkers, rec.mask_path, rec.overlay_path = result.biomarkers, result.mask, result.overlay
 
 
 def check_bundle(bundle: str | os.PathLike[str], policy: TrustPolicy | None = None,
@@ -259,18 +296,25 @@ def open_session(bundle: str | os.PathLike[str], *, policy: TrustPolicy | None =
                  store: ResultStore | None = None, audit: AuditLog | None = None, artifact: str | None = None,
                  fmt: str | None = None, precision: str | None = None,
                  settings: BackendSettings | None = None, choose: Choice | None = None,
-                 mode: str = "batch", decode_limits: DecodeLimits | None = None) -> FieldSession:
+                 mode: str = "batch", decode_limits: DecodeLimits | None = None,
+                 out_dir: str | os.PathLike[str] | None = None) -> FieldSession:
     """Verify (signature per ``policy``, then checksums) and load a bundle. A refusal is audited and raised.
 
     ``choose``: called with the verified bundle, returns (artifact, format, settings) in place of the
-    arguments (a device profile picks the artifact from the bundle's list)."""
+    arguments (a device profile picks the artifact from the bundle's list). A segmentation bundle writes its
+    masks and overlays into ``out_dir`` (runtime/field/segmentation.py)."""
     policy = policy or TrustPolicy()
     verified, status = check_bundle(bundle, policy, audit)
     if choose is not None:
         artifact, fmt, settings = choose(verified)
     try:
-        screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings,
-                        decode_limits=decode_limits)
+        screener: Screener | SegmentationScreener
+        if verified.spec.task == "segmentation":
+            seg = load_segmenter(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings)
+            screener = SegmentationScreener(seg, Path(out_dir or "fundus-edge-vessels"), decode_limits)
+        else:
+            screener = load(verified, artifact=artifact, fmt=fmt, precision=precision, settings=settings,
+                            decode_limits=decode_limits)
     except FundusEdgeError as exc:
         _audit_refusal(audit, bundle, exc, policy)
         raise

@@ -6,163 +6,50 @@ running on a battery is an event, not a corner case. ``NORMAL`` would keep the d
 roll back the last commits after a power loss; its saving (one fsync per screening, about 1-5 ms on an SD
 card) is small next to a screening (decode + inference, 50-500 ms on a Raspberry Pi), so FULL it is.
 
-Idempotency: a screening is keyed by ``(image_sha256, manifest_sha256, artifact)``: the same image bytes
-under the same bundle and model file are screened once; asking again returns the stored row. A unique index
-enforces it, so two processes writing the same store cannot duplicate a result either. Two exceptions, both
+Idempotency: a screening is keyed by ``(image_sha256, manifest_sha256, artifact, patient_id, eye)``: the same
+image bytes under the same bundle and model file, for the same patient and eye, are screened once; asking again
+returns the stored row. The same photo screened for another patient (or eye) is that patient's own row. A unique
+index enforces it, so two processes writing the same store cannot duplicate a result either. Two exceptions, both
 without a usable key: files that could not be read (no sha256) and ``internal-error`` results, which are
 recorded every time they happen and may be retried.
 
 Records are immutable: triggers refuse UPDATE and DELETE on ``screenings``. ``decision`` is free text
 (``refer``, ``no-refer``, and the quality gate's ``ungradable``) and ``quality`` a nullable JSON column, so
-the quality gate adds values, not columns. The schema version lives in ``PRAGMA user_version``; a store
-written by a newer kit is refused rather than guessed at.
+the quality gate adds values, not columns. The schema, its version (``PRAGMA user_version``) and the migration
+of older stores are in runtime/field/schema.py; a store written by a newer kit is refused rather than guessed at.
+A row (:class:`StoredScreening`) and export are in runtime/field/records.py.
 
 The file is created ``0600``: it holds patient data.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import os
-import re
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
 
 from ...errors import StoreError, UsageError
 from .audit import utc_now
 from .integrity import ROW_MACS_SCHEMA, Integrity, check_store_anchor, mac_new_row, store_state
+from .records import (  # noqa: F401  (re-exported: the store's public names)
+    EXPORT_COLUMNS,
+    JSON_COLUMNS,
+    PATIENT_COLUMNS,
+    StoredScreening,
+    export_file,
+    export_rows,
+    normalize_eye,
+    validate_patient_id,
+)
+from .schema import FINAL_WHERE, STORE_SCHEMA_VERSION, ensure_schema, final_params  # noqa: F401
 
-STORE_SCHEMA_VERSION = 1
 SYNCHRONOUS = "FULL"
 RETRYABLE_ERRORS = ("internal-error",)
-
-_SCHEMA = (
-    """CREATE TABLE screenings (
-        id               INTEGER PRIMARY KEY AUTOINCREMENT,
-        created_at       TEXT    NOT NULL,
-        image_sha256     TEXT,
-        source           TEXT    NOT NULL,
-        patient_id       TEXT,
-        eye              TEXT,
-        bundle_id        TEXT    NOT NULL,
-        manifest_sha256  TEXT    NOT NULL,
-        artifact         TEXT    NOT NULL,
-        backend          TEXT,
-        signature_key_id TEXT,
-        ok               INTEGER NOT NULL,
-        decision         TEXT,
-        probability      REAL,
-        threshold        REAL,
-        quality          TEXT,
-        fov              TEXT,
-        timings_ms       TEXT    NOT NULL,
-        error_code       TEXT,
-        error_message    TEXT,
-        kit_version      TEXT    NOT NULL,
-        session_id       TEXT
-    )""",
-    """CREATE UNIQUE INDEX screenings_once ON screenings (image_sha256, manifest_sha256, artifact)
-        WHERE image_sha256 IS NOT NULL AND (error_code IS NULL OR error_code NOT IN ('internal-error'))""",
-    "CREATE INDEX screenings_created ON screenings (created_at)",
-    """CREATE TRIGGER screenings_immutable_update BEFORE UPDATE ON screenings
-        BEGIN SELECT RAISE(ABORT, 'screening records are immutable'); END""",
-    """CREATE TRIGGER screenings_immutable_delete BEFORE DELETE ON screenings
-        BEGIN SELECT RAISE(ABORT, 'screening records are immutable'); END""",
-)
-
-_JSON_COLUMNS = ("quality", "fov", "timings_ms")
-EXPORT_COLUMNS = ("id", "created_at", "image_sha256", "source", "patient_id", "eye", "bundle_id", "manifest_sha256",
-                  "artifact", "backend", "signature_key_id", "ok", "decision", "probability", "threshold",
-                  "quality", "fov", "timings_ms", "error_code", "error_message", "kit_version", "session_id")
-PATIENT_COLUMNS = ("patient_id", "eye")
-
-_EYES = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
-_PATIENT_ID = re.compile(r"^[\w.\-/:#+ ]{1,64}$")
-
-
-def normalize_eye(value: str | None) -> str | None:
-    """``left``/``right`` from left, right, L, R, OS (left) or OD (right); None stays None."""
-    if value is None:
-        return None
-    eye = _EYES.get(value.strip().lower())
-    if eye is None:
-        raise UsageError(f"--eye must be left, right, L, R, OS (left) or OD (right), got {value!r}")
-    return eye
-
-
-def validate_patient_id(value: str | None) -> str | None:
-    """1-64 characters: letters, digits, space and ``. - / : # + _``. None stays None."""
-    if value is None:
-        return None
-    pid = value.strip()
-    if not _PATIENT_ID.match(pid):
-        raise UsageError("--patient-id must be 1-64 characters of letters, digits, space and . - / : # + _")
-    return pid
-
-
-@dataclass
-class StoredScreening:
-    """One row of the store. Truthy when the image was screened (``ok``)."""
-
-    id: int
-    created_at: str
-    image_sha256: str | None
-    source: str
-    bundle_id: str
-    manifest_sha256: str
-    artifact: str
-    ok: bool
-    timings_ms: dict[str, float]
-    kit_version: str
-    patient_id: str | None = field(default=None, repr=False)  # patient fields stay out of reprs and logs
-    eye: str | None = field(default=None, repr=False)
-    backend: str | None = None
-    signature_key_id: str | None = None
-    decision: str | None = None
-    probability: float | None = None
-    threshold: float | None = None
-    quality: dict[str, Any] | None = None
-    fov: dict[str, Any] | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    session_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # not stored: e.g. {"stored": True} on a repeat
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        if self.error_code is None:
-            return None
-        return {"code": self.error_code, "message": self.error_message or ""}
-
-    def to_dict(self, include_patient: bool = False) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        if not include_patient:
-            for k in PATIENT_COLUMNS:
-                d.pop(k)
-        return d
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> StoredScreening:
-        d = dict(row)
-        for k in _JSON_COLUMNS:
-            d[k] = json.loads(d[k]) if d[k] is not None else None
-        d["ok"] = bool(d["ok"])
-        d["timings_ms"] = d["timings_ms"] or {}
-        return cls(**d)
-
-
-# A final screening of these image bytes under this bundle and artifact (an internal error is not final).
-_FINAL = ("image_sha256 = ? AND manifest_sha256 = ? AND artifact = ? AND "
-          "(error_code IS NULL OR error_code NOT IN ('internal-error'))")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -187,8 +74,9 @@ class ResultStore:
     """The SQLite store. Open with ``ResultStore(path)``; use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
-                 integrity: Integrity | None = None) -> None:
+                 integrity: Integrity | None = None, migrate: bool = True) -> None:
         self.path = Path(path)
+        self._migrate = migrate  # an older schema is migrated on open (not by ``results verify``)
         # keyed integrity (runtime/field/integrity.py): row macs, and an anchor outside the store
         self.integrity = integrity
         anchor = integrity.read_anchor(self.path, "store") if integrity is not None else None
@@ -225,29 +113,17 @@ class ResultStore:
             raise StoreError(f"{self.path}: SQLite could not switch to WAL journaling (got {mode!r}); put the "
                              "store on a local file system (ext4 on the device), not a network share")
         c.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                if c.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have won
-                    for statement in _SCHEMA:
-                        c.execute(statement)
-                    c.execute(f"PRAGMA user_version = {STORE_SCHEMA_VERSION}")
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
-        elif version > STORE_SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer fundus-edge (store schema {version}, this kit "
-                             f"reads {STORE_SCHEMA_VERSION}); upgrade fundus-edge on this device")
+        self.opened_version = ensure_schema(c, self.path, self._migrate)  # the version found (0: created now)
 
     # ------------------------------------------------------------------------------------------- writing
-    def lookup(self, image_sha256: str, manifest_sha256: str, artifact: str) -> StoredScreening | None:
-        """The stored, final screening of these image bytes under this bundle and artifact, if any."""
+    def lookup(self, image_sha256: str, manifest_sha256: str, artifact: str, patient_id: str | None = None,
+               eye: str | None = None) -> StoredScreening | None:
+        """The stored, final screening of these image bytes under this bundle and artifact for this patient and
+        eye (None: none given), if any."""
         try:
-            row = self._conn.execute(f"SELECT * FROM screenings WHERE {_FINAL} ORDER BY id LIMIT 1",
-                                     (image_sha256, manifest_sha256, artifact)).fetchone()
+            row = self._conn.execute(f"SELECT * FROM screenings WHERE {FINAL_WHERE} ORDER BY id LIMIT 1",
+                                     final_params(image_sha256, manifest_sha256, artifact, patient_id, eye)
+                                     ).fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"reading the result store {self.path} failed: {exc}") from exc
         return StoredScreening.from_row(row) if row is not None else None
@@ -268,14 +144,15 @@ class ResultStore:
         for k in ("source", "error_message"):  # a file name that is not UTF-8: its odd bytes kept as \\xNN
             if isinstance(values[k], str):
                 values[k] = values[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        for k in _JSON_COLUMNS:
+        for k in JSON_COLUMNS:
             values[k] = json.dumps(values[k], sort_keys=True) if values[k] is not None else None
         c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
                 if rec.image_sha256 is not None and rec.error_code not in RETRYABLE_ERRORS:
-                    existing = self.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact)
+                    existing = self.lookup(rec.image_sha256, rec.manifest_sha256, rec.artifact, rec.patient_id,
+                                           rec.eye)
                     if existing is not None:
                         c.execute("COMMIT")
                         return existing, False
@@ -345,13 +222,15 @@ class StoreReader:
         self.path = path
         self._conn: sqlite3.Connection | None = None
 
-    def has(self, image_sha256: str, manifest_sha256: str, artifact: str) -> bool:
+    def has(self, image_sha256: str, manifest_sha256: str, artifact: str, patient_id: str | None = None,
+            eye: str | None = None) -> bool:
         try:
             if self._conn is None:
                 self._conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0,
                                              check_same_thread=False)
-            row = self._conn.execute(f"SELECT 1 FROM screenings WHERE {_FINAL} LIMIT 1",
-                                     (image_sha256, manifest_sha256, artifact)).fetchone()
+            row = self._conn.execute(f"SELECT 1 FROM screenings WHERE {FINAL_WHERE} LIMIT 1",
+                                     final_params(image_sha256, manifest_sha256, artifact, patient_id, eye)
+                                     ).fetchone()
         except sqlite3.Error:
             return False
         return row is not None
@@ -362,30 +241,3 @@ class StoreReader:
             self._conn = None
 
 
-def export_rows(rows: Iterator[StoredScreening], out: TextIO, fmt: str, include_patient: bool = True) -> int:
-    """Write rows as ``csv`` (one header line; JSON columns as JSON text) or ``jsonl``; returns the count."""
-    columns = [c for c in EXPORT_COLUMNS if include_patient or c not in PATIENT_COLUMNS]
-    n = 0
-    if fmt == "jsonl":
-        for r in rows:
-            out.write(json.dumps(r.to_dict(include_patient=include_patient), sort_keys=True) + "\n")
-            n += 1
-    elif fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            d = r.to_dict(include_patient=include_patient)
-            for k in _JSON_COLUMNS:
-                d[k] = json.dumps(d[k], sort_keys=True) if d[k] is not None else ""
-            writer.writerow({k: _csv_safe(d[k]) for k in columns})
-            n += 1
-    else:
-        raise UsageError(f"export format must be csv or jsonl, got {fmt!r}")
-    return n
-
-
-def _csv_safe(value: Any) -> Any:
-    """Neutralise spreadsheet formula injection in free-text cells (a file name starting with '=')."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value

@@ -2,10 +2,17 @@
 
 - **Only complete files.** A file is taken once its size and mtime have not changed for ``settle_s`` (by its
   mtime's age, or by watching it that long, whichever comes first: a device without a real-time clock may
-  jump backwards at boot) *and* it ends the way its format ends (JPEG ``FF D9``, PNG ``IEND``). A file that
-  never gets a proper end is taken after ``incomplete_grace_s`` and recorded as a decode error. Hidden files
-  and names without an image suffix are never taken: a camera app should write ``.name.jpg`` or
-  ``name.jpg.part`` and rename it when done (atomic on one file system).
+  jump backwards at boot) *and* its format's own structure says it is whole (runtime/field/complete.py: JPEG
+  segments and end marker, PNG ``IEND``, the WebP RIFF size, the BMP file size, every TIFF strip and tile
+  inside the file). A file that never becomes whole is taken after ``incomplete_grace_s`` and recorded as a
+  decode error. **The decode is the final check**: a file that fails to decode while it changed under the read,
+  or (a format with no structural end to check, such as DICOM) while younger than ``incomplete_grace_s``, is
+  not recorded and not moved to ``failed/``: it is tried again once it changes or the grace period ends.
+- **Every file not taken is recorded, with why** (``WatchSummary.skip_reasons``, ``on_skip``, and the audit log
+  by reason and suffix, never by name): no image suffix (``.jpe`` and names with trailing spaces count as
+  images), hidden names (a camera app should write ``.name.jpg`` or ``name.jpg.part`` and rename it when done,
+  atomic on one file system), not a regular file, folders more than :data:`MAX_DEPTH` levels down (camera
+  subfolders such as ``DCIM/100CAM/`` are entered).
 - **Restarts neither re-screen nor skip.** Results are committed to the store before the file is moved or
   marked; after a crash in between, the file is seen again, its sha256 is found in the store, the stored result
   is reused and the file is moved or marked then. Nothing is kept only in memory.
@@ -29,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -37,34 +43,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UsageError
-from ..screen import IMAGE_SUFFIXES
+from ..screen import has_image_suffix
+from .complete import completeness
+from .files import MARK_SUFFIX, move_file, write_mark, write_synced
 from .session import FieldSession, Patient
 from .store import StoredScreening
 
-MARK_SUFFIX = ".screened"
 INFLIGHT_SUFFIX = ".inflight"
 MAX_DEPTH = 3  # subfolders entered below the watched directory (DCIM/100CAM is 2)
 QUARANTINE_AFTER = 2  # attempts that ended the screener: the first and one retry
 AFTER_CHOICES = ("keep", "move", "mark")
-_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
-_PNG_SIG, _PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 
 def looks_complete(path: Path) -> bool:
-    """True unless ``path`` is a JPEG or PNG whose end marker is missing (still being written, or cut)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - 64))
-            tail = fh.read().rstrip(b"\x00")  # some cameras pad after the end marker
-    except OSError:
-        return True  # unreadable: let the screening record why
-    if head.startswith(_JPEG_SOI):
-        return tail.endswith(_JPEG_EOI)
-    if head.startswith(_PNG_SIG):
-        return tail.endswith(_PNG_IEND)
-    return True
+    """False only when the file's own structure says it is not whole yet (runtime/field/complete.py)."""
+    return completeness(path) is not False
 
 
 @dataclass
@@ -94,6 +87,9 @@ class WatchOptions:
 class _Seen:
     key: tuple[int, int, int]  # size, mtime_ns, inode
     since: float  # monotonic time this key was first seen
+    verdict: bool | None = None  # what the file's structure says (runtime/field/complete.py); None: cannot tell
+    deferred: bool = False  # failed to decode while young: not recorded, tried again once it changes or ages
+    stable_for: float = 0.0
 
 
 @dataclass
@@ -101,13 +97,15 @@ class WatchSummary:
     screened: int = 0
     stored: int = 0
     errors: int = 0
-    skipped: int = 0  # files in the folder that are not taken (no image suffix, not a regular file)
+    skipped: int = 0  # files (and folders) in the watched folder that are not taken: see skip_reasons
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # why, how many
+    deferred: int = 0  # decode failures of files still being written: not recorded, tried again
     stopped_by: str = "idle"
     results: list[StoredScreening] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {"screened": self.screened, "stored": self.stored, "errors": self.errors, "skipped": self.skipped,
-                "stopped_by": self.stopped_by}
+                "skip_reasons": dict(self.skip_reasons), "deferred": self.deferred, "stopped_by": self.stopped_by}
 
 
 class Watcher:
@@ -115,13 +113,15 @@ class Watcher:
 
     def __init__(self, session: FieldSession, options: WatchOptions, patient: Patient | None = None,
                  stop: threading.Event | None = None,
-                 on_result: Callable[[StoredScreening], None] | None = None, keep_results: bool = False) -> None:
+                 on_result: Callable[[StoredScreening], None] | None = None, keep_results: bool = False,
+                 on_skip: Callable[[str, str], None] | None = None) -> None:
         self.session = session
         self.opt = options
         self.patient = patient or Patient()
         self.stop = stop or threading.Event()
         self.on_result = on_result
         self.keep_results = keep_results
+        self.on_skip = on_skip  # (path, reason) of each file or folder not taken, once
         self._seen: dict[Path, _Seen] = {}
         self._handled: set[tuple[Path, tuple[int, int, int]]] = set()
         self.stop_reason = "stopped"
@@ -145,21 +145,32 @@ class Watcher:
                     raise
                 continue
             for e in entries:
+                if e.name.endswith(MARK_SUFFIX) or (e.name.startswith(".") and e.name.endswith(".tmp")):
+                    continue  # this watcher's own marks and their temporary files
+                is_dir = e.is_dir(follow_symlinks=False)
+                if skip is not None and is_dir and Path(e.path).resolve() == skip:
+                    continue  # --move-to inside the watched folder: processed files
                 if e.name.startswith("."):
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    if depth < MAX_DEPTH and (skip is None or Path(e.path).resolve() != skip):
-                        stack.append((Path(e.path), depth + 1))
-                    continue
-                found.append(e)
+                    self._skip(e, "hidden folder" if is_dir else "hidden name (a file still being written)")
+                elif is_dir and depth >= MAX_DEPTH:
+                    self._skip(e, f"folder more than {MAX_DEPTH} levels down")
+                elif is_dir:
+                    stack.append((Path(e.path), depth + 1))
+                else:
+                    found.append(e)
         return sorted(found, key=lambda e: e.path)
 
     def _skip(self, e: os.DirEntry[str], reason: str) -> None:
-        """Say once (audit: the reason and the suffix, never the name) that a file in the folder is not taken."""
-        if e.path in self._skipped or e.name.endswith(MARK_SUFFIX):
+        """Record once that a file (or folder) in the watched folder is not taken, and why: the summary counts
+        it, ``on_skip`` gets its path, the audit log the reason and suffix (never the name: it may name a
+        patient)."""
+        if e.path in self._skipped:
             return
         self._skipped.add(e.path)
         self.summary.skipped += 1
+        self.summary.skip_reasons[reason] = self.summary.skip_reasons.get(reason, 0) + 1
+        if self.on_skip is not None:
+            self.on_skip(e.path, reason)
         if self.session.audit is not None:
             self.session.audit.record("watch-skipped", session_id=self.session.session_id, reason=reason,
                                       suffix=Path(e.name).suffix.lower()[:16])
@@ -177,16 +188,16 @@ class Watcher:
             return out
         self._unavailable = False
         for e in entries:
-            if Path(e.name).suffix.lower() not in IMAGE_SUFFIXES:
+            if not has_image_suffix(e.name):
                 self._skip(e, "not an image suffix")
                 continue
             try:
                 if not e.is_file(follow_symlinks=False):
-                    self._skip(e, "not a regular file")
+                    self._skip(e, "not a regular file (a link, a FIFO, a device)")
                     continue
                 st = e.stat(follow_symlinks=False)
             except OSError:
-                continue
+                continue  # gone between the listing and now (renamed or moved): seen again under its new name
             p = Path(e.path)
             key = (st.st_size, st.st_mtime_ns, st.st_ino)
             if (p, key) in self._handled or self._marked(p, key):
@@ -209,10 +220,29 @@ class Watcher:
         seen = self._seen.get(p)
         if seen is None or seen.key != key:
             self._seen[p] = seen = _Seen(key, now)
-        stable_for = max(now - seen.since, time.time() - st.st_mtime)
+        seen.stable_for = stable_for = max(now - seen.since, time.time() - st.st_mtime)
         if stable_for < self.opt.settle_s:
             return False
-        return stable_for >= self.opt.incomplete_grace_s or (st.st_size > 0 and looks_complete(p))
+        if stable_for >= self.opt.incomplete_grace_s:
+            return True
+        if seen.deferred or st.st_size == 0:
+            return False
+        seen.verdict = completeness(p)
+        return seen.verdict is not False
+
+    def _defer(self, p: Path, key: tuple[int, int, int]) -> Callable[[StoredScreening], bool]:
+        """Whether a decode failure of ``p`` may only mean it was incomplete: it changed while it was read, or
+        its format gives no structural end to check and it is younger than the grace period."""
+        def still_writing(rec: StoredScreening) -> bool:
+            try:
+                st = p.stat()
+                changed = (st.st_size, st.st_mtime_ns, st.st_ino) != key
+            except OSError:
+                changed = True
+            seen = self._seen.get(p)
+            young = seen is not None and seen.verdict is None and seen.stable_for < self.opt.incomplete_grace_s
+            return changed or young
+        return still_writing
 
     # ------------------------------------------------------------------------------------------ running
     def poll_once(self) -> tuple[int, int]:
@@ -231,6 +261,11 @@ class Watcher:
                 continue
             key = (st.st_size, st.st_mtime_ns, st.st_ino)
             rec = self._screen_guarded(p, key)
+            if rec.extra.get("deferred"):  # failed only because it was incomplete: not recorded, tried again
+                self._seen[p].deferred = True
+                self.summary.deferred += 1
+                waiting += 1
+                continue
             self._finish(p, key, rec)
             processed += 1
             if self.on_result is not None:
@@ -267,8 +302,8 @@ class Watcher:
                                           image_sha256=rec.image_sha256, row=rec.id or None)
         else:
             if journal is not None:
-                _write_synced(journal, json.dumps({"path": str(p), "key": list(key), "attempts": tried + 1}))
-            rec = self.session.screen_file(p, self.patient)
+                write_synced(journal, json.dumps({"path": str(p), "key": list(key), "attempts": tried + 1}))
+            rec = self.session.screen_file(p, self.patient, defer=self._defer(p, key))
         if journal is not None:
             journal.unlink(missing_ok=True)
         return rec
@@ -311,62 +346,3 @@ class Watcher:
                 self.session.audit.record("after-failed", session_id=self.session.session_id, action=self.opt.after,
                                           row=rec.id, error=exc.strerror or type(exc).__name__)
         self._handled.add((p, key))
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``, durably (a crash right after leaves the old or the new content)."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def move_file(src: Path, dest_dir: Path, sha: str | None) -> Path:
-    """Move ``src`` into ``dest_dir`` without overwriting anything; durable once it returns."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / src.name
-    n = 0
-    while target.exists():
-        n += 1
-        tag = (sha or "nohash")[:8] + (f"-{n}" if n > 1 else "")
-        target = dest_dir / f"{src.stem}-{tag}{src.suffix}"
-    try:
-        os.replace(src, target)
-    except OSError:  # another file system: copy, sync, rename into place, then remove the source
-        tmp = dest_dir / f".{target.name}.moving"
-        shutil.copy2(src, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(dest_dir)
-        src.unlink()
-    _fsync_dir(dest_dir)
-    _fsync_dir(src.parent)
-    return target
-
-
-def write_mark(p: Path, key: tuple[int, int, int], rec: StoredScreening) -> Path:
-    """``NAME.screened`` next to the image: row id, outcome, and the size/mtime it applies to."""
-    mark = p.with_name(p.name + MARK_SUFFIX)
-    doc = {"row": rec.id, "ok": rec.ok, "decision": rec.decision, "error_code": rec.error_code,
-           "image_sha256": rec.image_sha256, "bundle_id": rec.bundle_id, "size": key[0], "mtime_ns": key[1]}
-    tmp = mark.with_name("." + mark.name + ".tmp")
-    tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
-    os.replace(tmp, mark)
-    return mark
