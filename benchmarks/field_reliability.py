@@ -7,6 +7,13 @@
           lost / duplicated images (must be 0 / 0) and PRAGMA integrity_check (must be ok)
   tamper  a signed bundle under require_signature: every byte of manifest.json and manifest.sig flipped,
           200 bytes of every other file, truncation/extension/deletion, key swaps: accepted (must be 0)
+  patients  20 photos screened for 5 patients (IDs from a file), twice: rows (must be 100: one per photo and
+          patient, none added by the second round) and results verify (must pass)
+  partial  a watcher with --after move while 10 files of each format (WebP, TIFF, BMP, PNG, DICOM, and a JPEG
+          paused right after its EXIF thumbnail) are written in two halves with a 0.5-1.5 s pause: errors and
+          files parked in failed/ (must be 0 / 0), every file screened
+  subfolders  a camera card (5 DCIM/1NNCAM folders of .JPG, .jpe and trailing-space names, hidden files, notes,
+          a folder four levels down): every image taken (must be 50 ok) and every other entry reported skipped
 
 Usage (toolchain environment; a bundle from 'fundus-edge build' or 'fundus-edge demo'):
 
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from field_cases import run_partial_case, run_patients_case, run_subfolder_case
 from reliability import run_fuzz, run_kill_test, run_tamper_sweep
 
 HERE = Path(__file__).resolve().parent
@@ -79,9 +87,39 @@ def tamper(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return r
 
 
+def _real() -> list[Path]:
+    return sorted((HERE.parent / "tests" / "data" / "fundus").glob("*.jpg"))
+
+
+def patients(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if not args.bundle:
+        raise SystemExit("patients needs --bundle")
+    r = run_patients_case(Path(args.bundle), work / "patients", _real(), log=log)
+    r["passed"] = r["rows"] == r["expected_rows"] == r["distinct_photo_patient"] and r["verify_ok"]
+    log(f"patients: {r}")
+    return r
+
+
+def partial(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if not args.bundle:
+        raise SystemExit("partial needs --bundle")
+    r = run_partial_case(Path(args.bundle), work / "partial", _real(), seed=args.seed, log=log)
+    r["passed"] = r["errors"] == 0 and r["parked_in_failed"] == 0 and r["ok"] == r["files"]
+    return r
+
+
+def subfolders(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if not args.bundle:
+        raise SystemExit("subfolders needs --bundle")
+    r = run_subfolder_case(Path(args.bundle), work / "subfolders", _real(), log=log)
+    # skipped: per folder a note and a hidden file, and one folder four levels down
+    r["passed"] = r["ok"] == r["expected"] == r["rows"] and r["skipped"] == 11
+    return r
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["fuzz", "kill", "tamper", "all"])
+    p.add_argument("what", choices=["fuzz", "kill", "tamper", "patients", "partial", "subfolders", "all"])
     p.add_argument("--bundle", help="bundle directory (required for kill and tamper; fuzz without it: decoder only)")
     p.add_argument("--n", type=int, default=10_000, help="fuzz cases")
     p.add_argument("--images", type=int, default=1_000)
@@ -96,7 +134,8 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         results: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for name, fn in (("fuzz", fuzz), ("kill", kill), ("tamper", tamper)):
+        for name, fn in (("fuzz", fuzz), ("kill", kill), ("tamper", tamper), ("patients", patients),
+                         ("partial", partial), ("subfolders", subfolders)):
             if args.what in (name, "all"):
                 results[name] = fn(args, work)
     text = json.dumps(results, indent=2)
