@@ -25,12 +25,14 @@ Log = Callable[[str], None]
 
 
 def _photos(src: list[Path], n: int, side: int = 320) -> list[Image.Image]:
-    """``n`` distinct photographs (one pixel differs) from real ones."""
+    """``n`` distinct photographs from real ones: an 8x8 block of its own colour in each (a single pixel can vanish
+    in JPEG quantisation and leave two files with the same bytes)."""
     out = []
     for i in range(n):
         img = Image.open(src[i % len(src)]).convert("RGB")
         img.thumbnail((side, side))
-        img.putpixel((i % img.width, 0), (i % 256, (i // 256) % 256, 9))
+        x, y = 8 * (i % 16), 8 * (i // 16 % 8)
+        img.paste((40 + i * 37 % 200, 40 + i * 91 % 200, 40 + i // 200 % 200), (x, y, x + 8, y + 8))
         out.append(img)
     return out
 

@@ -176,9 +176,9 @@ def test_a_batch_with_a_store_streams_results_as_they_are_made(built: Any, tmp_p
                                                                real_photos: list[Path]) -> None:
     base = _photo(real_photos[0], 320)
     photos = []
-    for i in range(60):  # distinct images (one pixel differs): each one is screened
+    for i in range(60):  # distinct images (an 8x8 block of their own colour): each one is screened
         img = base.copy()
-        img.putpixel((i, 0), (i, 0, 0))
+        img.paste((40 + i * 3, 200 - i * 2, 90), (8 * (i % 16), 8 * (i // 16), 8 * (i % 16) + 8, 8 * (i // 16) + 8))
         photos.append(tmp_path / f"p{i:02d}.jpg")
         img.save(photos[-1], "JPEG", quality=90)
     env = {**os.environ, "FUNDUS_EDGE_PATIENT_ID": "MRN-ENV-5"}
