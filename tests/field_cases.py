@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -37,6 +38,12 @@ def _photos(src: list[Path], n: int, side: int = 320) -> list[Image.Image]:
     return out
 
 
+def _env(work: Path) -> dict[str, str]:
+    """The subprocesses' environment: their own state directory (device key, anchors) under ``work``, so that a
+    benchmark neither writes into the user's state nor meets the anchors of an earlier run's deleted stores."""
+    return {**os.environ, "FUNDUS_EDGE_STATE_DIR": str(work / "state")}
+
+
 def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -60,11 +67,12 @@ def run_patients_case(bundle: Path, work: Path, real: list[Path], n_photos: int 
             pid = work / f"pid{k}"
             pid.write_text(f"MRN-{k:04d}\n")
             subprocess.run(_cli("screen", "--bundle", str(bundle), "--store", str(db), "--patient-id-file",
-                                str(pid), *map(str, files)), capture_output=True, timeout=900, check=False)
+                                str(pid), *map(str, files)), capture_output=True, timeout=900, check=False,
+                           env=_env(work))
         log(f"patients: round {rnd + 1} done")
     rows = _rows(db, "SELECT image_sha256, patient_id FROM screenings")
     verify = subprocess.run(_cli("results", "verify", "--store", str(db), "--json"), capture_output=True, text=True,
-                            timeout=300, check=False)
+                            timeout=300, check=False, env=_env(work))
     return {"photos": n_photos, "patients": n_patients, "rows": len(rows), "expected_rows": n_photos * n_patients,
             "distinct_photo_patient": len(set(rows)), "verify_ok": verify.returncode == 0,
             "seconds": round(time.monotonic() - t0, 1)}
@@ -92,9 +100,12 @@ def run_partial_case(bundle: Path, work: Path, real: list[Path], n_each: int = 1
     inbox, done, db = work / "inbox", work / "done", work / "partial.db"
     inbox.mkdir(parents=True, exist_ok=True)
     jobs = [job for i, img in enumerate(_photos(real, n_each)) for job in _formats(img, i)]
-    proc = subprocess.Popen(_cli("screen", "--bundle", str(bundle), "--store", str(db), "--watch", str(inbox),
-                                 "--after", "move", "--move-to", str(done), "--settle", "0.3", "--poll", "0.1",
-                                 "--json"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out_file = work / "watch.jsonl"  # a file, not a pipe: an unread pipe fills up and blocks the watcher's prints
+    with open(out_file, "w") as out_fh:
+        proc = subprocess.Popen(_cli("screen", "--bundle", str(bundle), "--store", str(db), "--watch", str(inbox),
+                                     "--after", "move", "--move-to", str(done), "--settle", "0.3", "--poll", "0.1",
+                                     "--json"), stdout=out_fh, stderr=subprocess.DEVNULL, text=True,
+                                env=_env(work))
     for name, data, cut in jobs:
         with open(inbox / name, "wb") as fh:
             fh.write(data[:cut])
@@ -102,10 +113,12 @@ def run_partial_case(bundle: Path, work: Path, real: list[Path], n_each: int = 1
             time.sleep(rng.uniform(0.5, 1.5))
             fh.write(data[cut:])
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and len([p for p in done.glob("**/*") if p.is_file()]) < len(jobs):
+    while time.monotonic() < deadline and proc.poll() is None and \
+            len([p for p in done.glob("**/*") if p.is_file()]) < len(jobs):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out = out_file.read_text()
     summary = next((json.loads(x)["summary"] for x in out.splitlines() if x.startswith('{"summary"')), {})
     rows = _rows(db, "SELECT ok, error_code FROM screenings")
     failed = sorted(p.name for p in (done / "failed").glob("*")) if (done / "failed").exists() else []
@@ -138,7 +151,7 @@ def run_subfolder_case(bundle: Path, work: Path, real: list[Path], n_folders: in
     imgs[0].save(deep / "deep.jpg", "JPEG")
     proc = subprocess.run(_cli("screen", "--bundle", str(bundle), "--store", str(db), "--watch", str(card),
                                "--settle", "0", "--poll", "0.1", "--exit-when-idle", "--json"), capture_output=True,
-                          text=True, timeout=1200, check=False)
+                          text=True, timeout=1200, check=False, env=_env(work))
     summary = next((json.loads(x)["summary"] for x in proc.stdout.splitlines() if x.startswith('{"summary"')), {})
     rows = _rows(db, "SELECT COUNT(*), SUM(ok) FROM screenings")[0]
     r = {"expected": expected, "rows": rows[0], "ok": rows[1] or 0, "skipped": summary.get("skipped"),
