@@ -37,7 +37,11 @@ def segmentation_command(args: argparse.Namespace) -> Callable[[argparse.Namespa
     bundle = getattr(args, "bundle", None)
     if bundle is None or bundle_task(bundle) != "segmentation":
         return None
-    handlers = {"screen": cmd_screen_seg, "info": cmd_info_seg, "check": cmd_check_seg}
+    from .bench_seg import cmd_bench_seg
+    from .compare_seg import cmd_compare_seg
+
+    handlers = {"screen": cmd_screen_seg, "info": cmd_info_seg, "check": cmd_check_seg, "bench": cmd_bench_seg,
+                "compare": cmd_compare_seg}
     if args.command in handlers:
         return handlers[args.command]
     if args.command in SUPPORTED:
