@@ -1,5 +1,7 @@
-"""Segmentation bundles on the command line: ``screen`` (vessel mask + overlay PNGs and biomarkers per photo),
-``info`` and ``check`` (re-gate on a masks CSV). Commands that do not support them yet say so (no traceback).
+"""Segmentation bundles on the command line: ``screen`` (vessel mask + overlay PNGs and biomarkers per photo;
+honours --device/--device-config and the trust policy), ``info``, ``check`` (re-gate on a masks CSV), ``bench``
+(cli/bench_seg.py) and ``compare`` (cli/compare_seg.py); ``emulate`` and ``package`` take them through their own
+handlers. Commands that do not support them yet say so (no traceback).
 
 ``screen --out-dir DIR`` (default ``./fundus-edge-vessels``): ``<photo stem>.vessels.png`` (binary mask, photo
 pixels) and ``<photo stem>.overlay.png`` (vessels tinted on the photo) per photo. Torch-free."""
@@ -16,7 +18,7 @@ from ..errors import ImageError, UsageError
 from .output import emit
 
 DEFAULT_OUT_DIR = Path("fundus-edge-vessels")
-SUPPORTED = ("screen", "info", "check", "quality", "keys")
+SUPPORTED = ("screen", "info", "check", "quality", "keys", "emulate", "package")
 
 
 def bundle_task(bundle: Path) -> str | None:
@@ -46,8 +48,9 @@ def segmentation_command(args: argparse.Namespace) -> Callable[[argparse.Namespa
         return handlers[args.command]
     if args.command in SUPPORTED:
         return None
+    takes = ", ".join(f"'{c}'" for c in (*handlers, *SUPPORTED))
     raise UsageError(f"'{args.command}' does not support segmentation bundles yet ({bundle} is a vessel "
-                     "segmentation bundle); 'screen', 'info' and 'check' do")
+                     f"segmentation bundle); {takes} do")
 
 
 def _screen_line(r: dict[str, Any]) -> str:
@@ -60,28 +63,48 @@ def _screen_line(r: dict[str, Any]) -> str:
             f"(r2 {b['fractal_r2']:.3f}); mask {r['mask']}, overlay {r['overlay']}")
 
 
+# field options a segmentation bundle cannot take yet (the result store has no biomarkers column); the trust
+# policy (--device-config, --trusted-keys, --require-signature) and the device's choices it does take
+NOT_YET = ("store", "watch", "patient_id", "eye", "audit_log")
+
+
+def _verified(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The bundle, verified against the trust policy of --device-config / --trusted-keys / --require-signature."""
+    from ..bundle.signing import TrustPolicy, verify_bundle
+    from .output import warn
+
+    base = TrustPolicy.from_config(args.device_config) if getattr(args, "device_config", None) else TrustPolicy()
+    policy = base.tightened(getattr(args, "trusted_keys", None), getattr(args, "require_signature", False))
+    bundle, status = verify_bundle(args.bundle, policy)
+    if policy.active and not status.signed:
+        warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
+             "(--require-signature)")
+    return bundle, status
+
+
 def cmd_screen_seg(args: argparse.Namespace) -> int:
-    from ..runtime.backends import BackendSettings
     from ..runtime.screen import expand_inputs
     from ..runtime.segment import load_segmenter
-    from .field import wants_field
+    from .choices import screen_choices
 
-    if wants_field(args):
+    if any(getattr(args, k, None) for k in NOT_YET):
         raise UsageError("the result store, watch mode and patient fields do not take segmentation bundles yet: "
                          "screen the photos without --store/--watch (results go to --json and --out-dir)")
     if not args.inputs:
         raise UsageError("give image files or directories to segment")
     sources = expand_inputs(args.inputs)
     out_dir = args.out_dir or DEFAULT_OUT_DIR
-    with load_segmenter(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
-                        settings=BackendSettings(threads=1 if args.threads is None else args.threads)) as seg:
+    bundle, status = _verified(args)
+    artifact, fmt, settings = screen_choices(args, lambda: bundle)  # --device / --device-config pick here
+    with load_segmenter(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings) as seg:
         results = [seg.segment(s, out_dir).to_dict() for s in sources]
         head = f"bundle {seg.bundle.bundle_id}, artifact {seg.artifact.id} ({seg.backend.name}), segmentation"
         ids = {"bundle_id": seg.bundle.bundle_id, "artifact": seg.artifact.id, "backend": seg.backend.name}
     n_err = sum(not r["ok"] for r in results)
     summary = {"n": len(results), "segmented": sum(r.get("decision") == "segmented" for r in results),
                "ungradable": sum(r.get("decision") == "ungradable" for r in results), "errors": n_err}
-    payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary}
+    payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary,
+               "signature": status.to_dict()}
     lines = [head, *map(_screen_line, results), f"{summary['segmented']} segmented, {summary['ungradable']} "
              f"ungradable, {n_err} errors; masks and overlays in {out_dir}"]
     emit(args, payload, "\n".join(lines))

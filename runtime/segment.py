@@ -95,6 +95,8 @@ class Segmenter:
         meaning = bundle.spec.output.meaning
         self.vessel_channel = int(meaning.positive_classes[0])
         self.threshold = float(getattr(meaning, "threshold", bundle.operating_point.threshold))
+        # the working-resolution probability map of the last photo segmented (parity checks read it)
+        self.last_probabilities: np.ndarray | None = None
 
     def __enter__(self) -> Segmenter:
         return self
@@ -134,11 +136,13 @@ class Segmenter:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         result = SegmentationResult(source=name, bundle_id=self.bundle.bundle_id, artifact=self.artifact.id,
                                     threshold=self.threshold)
+        self.last_probabilities = None
         try:
             if not self._quality(source, result):
                 return result
             t0 = time.perf_counter()
             prob, d = self.probabilities(source, result.timings_ms)
+            self.last_probabilities = prob
             t1 = time.perf_counter()
             work_mask = prob >= self.threshold
             result.biomarkers = vessel_biomarkers(work_mask, d.fov_mask).to_dict()
