@@ -35,7 +35,8 @@ from .progress import Progress
 if TYPE_CHECKING:
     from .build_seg import SegBuild
 
-SHIPPED = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx"}
+SHIPPED = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx", "tflite-fp32": "model.fp32.tflite",
+           "tflite-int8": "model.int8.tflite"}
 
 
 def make_seg_report(b: SegBuild) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def make_seg_report(b: SegBuild) -> dict[str, Any]:
                                 "locked_on": gate["reference"]},
             "reference": {k: ref[k] for k in ("auc", "f1", "sensitivity", "specificity", "pixels")},
             "segmentation_gate": gate, "gates": gate["gates"], "gate_passed": gate["passed"],
-            "formats_not_built": {"tflite": "not built for segmentation yet"}, "producer": producer_versions()}
+            "formats_not_built": {"tflite": b.no_tflite} if b.no_tflite else {}, "producer": producer_versions()}
 
 
 def write_seg_reports(folder: Path, report: dict[str, Any]) -> list[Path]:
@@ -61,8 +62,10 @@ def write_seg_reports(folder: Path, report: dict[str, Any]) -> list[Path]:
     rj, rm = folder / "report.json", folder / "report.md"
     rj.write_text(json.dumps(report, indent=2, default=float) + "\n")
     op = report["operating_point"]
+    why = report.get("formats_not_built", {}).get("tflite")
     head = (f"# Segmentation build report\n\nModel {report['model']['source']} ({report['model']['arch']}); "
-            f"threshold {op['threshold']:.4f} ({op['rule']}). TFLite: not built for segmentation yet.\n\n")
+            f"threshold {op['threshold']:.4f} ({op['rule']})." + (f" TFLite: not built ({why})." if why else "")
+            + "\n\n")
     rm.write_text(head + report_md(report["segmentation_gate"]))
     return [rj, rm]
 
@@ -81,7 +84,8 @@ def seg_manifest(b: SegBuild, staging: Path, report_files: list[Path]) -> tuple[
     gate, m, cfg = b.gate, b.model, b.cfg
     shipped = {k: v for k, v in SHIPPED.items() if (staging / v).is_file()}
     by_id = {g["artifact"]: g for g in gate["gates"]}
-    artifacts = [Artifact(id=k, path=p, format="onnx", precision="int8" if "int8" in k else "fp32", layout="NCHW",
+    artifacts = [Artifact(id=k, path=p, format=k.split("-")[0], precision="int8" if "int8" in k else "fp32",
+                          layout="NCHW",
                           io_dtype="float32", sha256=sha256_file(staging / p),
                           gate={k2: v for k2, v in by_id[k].items() if k2 != "failures"} if k in by_id else None)
                  for k, p in shipped.items()]
