@@ -21,6 +21,7 @@ from ..datasets.labels import list_images
 from ..datasets.masks import MaskedImage, read_masks_csv
 from ..errors import ExportError, UsageError
 from ..export.contract import OutputContract
+from ..gate.plots_seg import roc_from_histograms
 from ..gate.segmentation import SegmentationCriteria, evaluate, judge
 from ..runtime.backends import BackendSettings
 from ..runtime.dense import DensePreprocessSpec, prepare
@@ -216,6 +217,7 @@ def run_segmentation_build(cfg: BuildConfig, loaded: Any, contract: OutputContra
         crit = cfg.seg_criteria or SegmentationCriteria()
         gate = judge(evals, "onnx-fp32", float(meta_t) if meta_t is not None else None, crit,
                      measured_only=MEASURED_ONLY)
+        gate["roc"] = {k: roc_from_histograms(e.pos, e.neg) for k, e in evals.items()}  # the report's figure
         for g in gate["gates"]:
             progress.say(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), F1 {g['f1']:.4f} "
                          f"(Δ {g['delta_f1']:+.4f}), min mask Dice {g['min_mask_dice']:.4f} -> "

@@ -204,3 +204,26 @@ def test_emulated_arm64_masks_match_x86(small: tuple[Path, Path, dict[str, Any]]
     emu = doc["emulated"]["artifacts"]["onnx-int8"]["results"][0]["biomarkers"]
     nat = doc["native"]["onnx-int8"]["results"][0]["biomarkers"]
     assert abs(emu["density"] - nat["density"]) < 0.002
+
+
+def test_report_figures_show_the_gates_numbers(small: tuple[Path, Path, dict[str, Any]]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    bundle, _, _ = small
+    report = json.loads((bundle / "report.json").read_text())
+    fig = report["figures"]
+    gate = report["segmentation_gate"]
+    assert fig["mask_dice"] == {g["artifact"]: g["mask_dice"] for g in gate["gates"]}
+    for name, pts in fig["roc"].items():
+        fpr, tpr = np.asarray(pts["fpr"]), np.asarray(pts["tpr"])
+        assert (fpr[0], tpr[0]) == (1.0, 1.0) and (fpr[-1], tpr[-1]) == (0.0, 0.0)
+        # the curve's area (200 thresholds of the gate's 65536 bins) is the gate's pixel AUC
+        assert float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2)) == pytest.approx(
+            gate["artifacts"][name]["auc"], abs=0.01), name
+    md = (bundle / "report.md").read_text()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel in ("figures/seg-roc.png", "figures/seg-per-photo.png"):
+        assert f"({rel})" in md and rel in manifest["files"]
+        with Image.open(bundle / rel) as im:
+            assert im.format == "PNG" and im.width > 400
