@@ -137,20 +137,22 @@ def cmd_check_seg(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
     from ..datasets.masks import read_masks_csv
     from ..gate.segmentation import SegmentationCriteria, evaluate, judge, report_md
+    from ..runtime.backends import installed_formats
     from .choices import backend_settings
 
     b = load_bundle(args.bundle)
     assert b.spec.dense is not None and b.spec.gate is not None
-    ids = args.artifacts or [a.id for a in b.artifacts]
+    here = installed_formats()  # by default, artifacts whose backend is not installed here are skipped (said)
+    ids = args.artifacts or [a.id for a in b.artifacts if a.format in here]
+    skipped = [f"{a.id}: not checked (no {a.format} backend installed here)" for a in b.artifacts
+               if not args.artifacts and a.format not in here]
     reference = b.spec.operating_point.locked_on or ids[0]
     if reference not in ids:
         ids = [reference, *ids]
-    onnx = [i for i in ids if b.artifact(i).format == "onnx"]
-    if len(onnx) != len(ids):
-        raise UsageError("check re-gates the ONNX artifacts of a segmentation bundle; give --artifacts of those")
     crit = {k: v for k, v in b.spec.gate.criteria.items() if k != "kind"}
-    evals = evaluate({i: b.path(b.artifact(i)) for i in ids}, read_masks_csv(args.val), b.spec.dense,
-                     backend_settings(args))
+    files: dict[str, Path | tuple[str, Path]] = {i: (b.artifact(i).format, b.path(b.artifact(i))) for i in ids}
+    evals = evaluate(files, read_masks_csv(args.val), b.spec.dense, backend_settings(args))
     gate = judge(evals, reference, b.operating_point.threshold, SegmentationCriteria(**crit))
-    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", **gate}, report_md(gate).strip())
+    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", **gate, "skipped": skipped},
+         "\n".join([report_md(gate).strip(), *skipped]))
     return 0 if gate["passed"] else 8

@@ -227,3 +227,25 @@ def test_report_figures_show_the_gates_numbers(small: tuple[Path, Path, dict[str
         assert f"({rel})" in md and rel in manifest["files"]
         with Image.open(bundle / rel) as im:
             assert im.format == "PNG" and im.width > 400
+
+
+def test_int8_mac_share_counts_pixels_not_weights(small: tuple[Path, Path, dict[str, Any]]) -> None:
+    """The ONNX file has dynamic H/W, the TFLite one a fixed tile: the same six convs in float must give the same
+    int8 MAC share (a symbolic side counted as 1 pixel would give the share of weights, ~0.9 here)."""
+    q = json.loads((small[0] / "manifest.json").read_text())["quantization"]
+    onnx_share, tflite_share = q["onnx-int8"]["int8_mac_fraction"], q["tflite-int8"]["int8_mac_fraction"]
+    assert len(q["onnx-int8"]["kept_in_float"]) == len(q["tflite-int8"]["kept_in_float"]) == 6
+    assert onnx_share == pytest.approx(tflite_share, abs=0.01) and onnx_share < 0.7
+
+
+def test_check_regates_every_format(small: tuple[Path, Path, dict[str, Any]],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    bundle, val, report = small
+    code = main(["check", "--bundle", str(bundle), "--val", str(val), "--json"])
+    doc = _json(capsys)
+    assert code == (0 if report["gate_passed"] else 8) and doc["skipped"] == []
+    built = {g["artifact"]: g for g in report["gates"]}
+    for g in doc["gates"]:  # the ONNX and the TFLite files, re-gated through the runtime: the build's numbers
+        assert g["auc"] == pytest.approx(built[g["artifact"]]["auc"], abs=1e-12)
+        assert g["mask_dice"] == pytest.approx(built[g["artifact"]]["mask_dice"], abs=1e-12)
+    assert {g["artifact"] for g in doc["gates"]} == ALL - {"onnx-fp32"}
