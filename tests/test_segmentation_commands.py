@@ -186,7 +186,7 @@ def test_a_command_without_segmentation_support_refuses(small: tuple[Path, Path,
 @pytest.mark.slow
 def test_emulated_arm64_masks_match_x86(small: tuple[Path, Path, dict[str, Any]],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """The int8 file under QEMU (Cortex-A53, the arm64 wheels) against the capped x86 run, one real photo."""
+    """The int8 files under QEMU (Cortex-A53, the arm64 wheels) against the capped x86 run, one real photo."""
     from fundus_edge.devices.emuroot import setup
     from fundus_edge.devices.parity_seg import MIN_MASK_DICE
 
@@ -194,16 +194,18 @@ def test_emulated_arm64_masks_match_x86(small: tuple[Path, Path, dict[str, Any]]
         setup(log=lambda s: print(s, file=sys.stderr))
     except FundusEdgeError as exc:
         pytest.fail(f"the aarch64 emulation root could not be built: {exc}", pytrace=False)
-    code = main(["emulate", "--device", "rpi-zero-2w", "--bundle", str(small[0]), "--artifact", "onnx-int8", PHOTO,
-                 "--json"])
+    code = main(["emulate", "--device", "rpi-zero-2w", "--bundle", str(small[0]), "--artifact", "onnx-int8",
+                 "--artifact", "tflite-int8", PHOTO, "--json"])
     doc = _json(capsys)
     assert code == 0 and doc["parity_ok"] and doc["emulated"]["machine"] == "aarch64"
-    par = doc["parity"][0]
-    assert par["n"] == 1 and par["inputs_identical"] == 1  # the arm64 runtime fed the network the same tiles
-    assert MIN_MASK_DICE <= par["min_mask_dice"] <= 1.0 and par["max_abs_prob"] < 0.5
-    emu = doc["emulated"]["artifacts"]["onnx-int8"]["results"][0]["biomarkers"]
-    nat = doc["native"]["onnx-int8"]["results"][0]["biomarkers"]
-    assert abs(emu["density"] - nat["density"]) < 0.002
+    assert {p["artifact"] for p in doc["parity"]} == {"onnx-int8", "tflite-int8"}
+    for par in doc["parity"]:
+        aid = par["artifact"]
+        assert par["n"] == 1 and par["inputs_identical"] == 1, aid  # the arm64 runtime fed the same tiles
+        assert MIN_MASK_DICE <= par["min_mask_dice"] <= 1.0 and par["max_abs_prob"] < 0.5, aid
+        emu = doc["emulated"]["artifacts"][aid]["results"][0]["biomarkers"]
+        nat = doc["native"][aid]["results"][0]["biomarkers"]
+        assert abs(emu["density"] - nat["density"]) < 0.002, aid
 
 
 def test_report_figures_show_the_gates_numbers(small: tuple[Path, Path, dict[str, Any]]) -> None:
