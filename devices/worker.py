@@ -6,7 +6,8 @@ torch or onnx). Usage: ``python -m fundus_edge.devices.worker REQUEST.json``; it
 ``outputs.npz`` (one (N, C) float32 array of model outputs per artifact, NaN rows for images that failed)
 into the request's ``out_dir``.
 
-Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``, and
+Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``,
+``quality`` (false: no image-quality check, every decoded image is inferred, as the clinical gate scores it), and
 ``caps``: ``cores`` (CPU affinity), ``rlimit_as_bytes`` (RLIMIT_AS), ``cgroup_procs`` (a cgroup v1
 ``cgroup.procs`` file to join before anything big is allocated).
 """
@@ -73,6 +74,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     applied = apply_caps(request.get("caps") or {})
     import platform
+    from dataclasses import replace
 
     import numpy as np
 
@@ -94,7 +96,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                                                     bundle.read_artifact(art)))
         backend.activate()
         rows, per_image = [], []
-        with Screener(bundle, art, backend) as screener:
+        quality = None if request.get("quality", True) else replace(bundle.quality, enabled=False)
+        with Screener(bundle, art, backend, quality) as screener:
             for src in images:
                 before = len(backend.outputs)
                 r = screener.screen(src)
