@@ -91,9 +91,43 @@ def seg_summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _device_gate_request(args: argparse.Namespace) -> Any:
+    """The post-build device gate asked for with --device-gate (None when not), checked before the build."""
+    if not getattr(args, "device_gate", False):
+        return None
+    from ..devices.emulate import want_emulation
+    from ..devices.profile import get_profile
+    from ..errors import UsageError
+    from ..pipeline.device_gate import DeviceGateConfig
+
+    if not args.device:
+        raise UsageError("--device-gate needs --device PROFILE (e.g. rpi4)")
+    if want_emulation(get_profile(args.device), "auto"):
+        from ..devices.emuroot import open_root
+
+        open_root()  # no emulation root: fail now, not after the build
+    return DeviceGateConfig(args.device, args.device_images, args.device_seed)
+
+
+def _run_device_gate(args: argparse.Namespace, result: Any, cfg: Any, payload: dict[str, Any],
+                     text: str) -> tuple[str, int]:
+    import sys
+
+    from ..pipeline.device_gate import device_lines
+    from ..pipeline.device_gate_build import device_gate_after_build
+    from .choices import backend_settings
+
+    dev = device_gate_after_build(result.out, cfg, backend_settings(args),
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+    payload["device"] = dev.to_dict()
+    code = {"PASS": 0, "INSUFFICIENT EVIDENCE": 0 if args.allow_insufficient_evidence else 15}.get(dev.verdict, 8)
+    return "\n".join([text, *device_lines(dev)]), code
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ..pipeline.build import run_build
 
+    device_cfg = _device_gate_request(args)
     result = run_build(build_config(args))
     if result.report.get("task") == "segmentation":
         payload = {"bundle": str(result.out), "task": "segmentation",
@@ -108,8 +142,11 @@ def cmd_build(args: argparse.Namespace) -> int:
                "signed_by": result.signed_by, "images": result.report["images"],
                "reference": result.report["reference"],
                "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
-    emit(args, payload, build_summary(result))
-    return 0
+    text, code = build_summary(result), 0
+    if device_cfg is not None:
+        text, code = _run_device_gate(args, result, device_cfg, payload, text)
+    emit(args, payload, text)
+    return code
 
 
 def add_gate_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +218,13 @@ def register(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--device", help="target device profile: its preferred artifact becomes the bundle default and "
                    "its settings are recorded in the manifest (see 'fundus-edge devices')")
+    b.add_argument("--device-gate", action="store_true",
+                   help="with --device: after the build, gate the int8 files on the device's own kernels (Arm: "
+                        "emulated, slow) on the certification images; the verdict sets the exit code, it is not "
+                        "in the signed manifest (see docs/gate.md)")
+    b.add_argument("--device-images", type=int, metavar="N",
+                   help="with --device-gate: a seeded stratified sample of N certification images (default: all)")
+    b.add_argument("--device-seed", type=int, default=0, help="seed of the --device-images sample")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true", help="one JSON document on stdout")
     add_gate_args(b)

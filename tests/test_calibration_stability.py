@@ -108,3 +108,13 @@ def test_check_stability_reports_k_real_subsets(built: Any, synth_calib: Path, s
     assert st["unstable"] == expect == bool(st["reasons"])
     assert st["shipped"]["artifact"] == "onnx-int8" and st["shipped"]["flips"] == doc["gates"][0]["flips"]
     assert st["n_images"] == doc["n"] == 300
+
+
+def test_options_that_need_a_partner_are_refused_before_any_work(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["build", "--model", "reference:dr-resnet18s", "--calib", str(tmp_path), "--val",
+                 str(tmp_path / "labels.csv"), "--out", str(out), "--device-gate"]) == 2
+    assert "--device-gate needs --device" in capsys.readouterr().err and not out.exists()
+    assert main(["check", "--bundle", str(tmp_path), "--val", str(tmp_path / "labels.csv"), "--stability", "3"]) == 2
+    assert "--stability K needs --calib" in capsys.readouterr().err

@@ -243,3 +243,25 @@ def positives(labels_csv: Path) -> set[str]:
 
     val = read_labels(labels_csv, None, 2)
     return {str(p) for p, r in zip(val.paths, val.referable, strict=True) if r}
+
+
+def test_device_gate_after_build_runs_the_certification_images(built: Any, emulation_root: Path) -> None:
+    """`build --device rpi4 --device-gate`'s function: the report's certification images, labels and host scores."""
+    from fundus_edge.pipeline.device_gate import DeviceGateConfig
+    from fundus_edge.pipeline.device_gate_build import certification_indices, device_gate_after_build
+
+    report = json.loads((built.out / "report.json").read_text())
+    dev = device_gate_after_build(built.out, DeviceGateConfig("rpi4", 6, seed=1))
+    cert = report["images"]["certification"]
+    idx = certification_indices(report)
+    assert len(dev.images) == 6 and set(dev.images) <= set(cert) and dev.machine == "aarch64"
+    pos = [idx[cert.index(s)] for s in dev.images]  # positions in the build's validation order
+    assert np.allclose(dev.scores["onnx-fp32"], np.asarray(report["scores"]["onnx-fp32"])[pos])
+    assert set(dev.artifacts) == {a["id"] for a in report["artifacts"] if "int8" in a["id"]}
+    for d in dev.differences:  # the device outputs against the build's own int8 scores of the same images
+        host = np.asarray(report["scores"][d.artifact])[pos]
+        assert np.max(np.abs(np.asarray(dev.scores[f"{d.artifact}@rpi4"]) - host)) <= d.max_abs_probability + 1e-6
+    assert dev.verdict in ("PASS", "FAIL", "INSUFFICIENT EVIDENCE")
+    searched = {"quantization": {"onnx-int8": {"fallback": {"search_images": {"indices": [0, 2]}}}},
+                "labels": [0, 1, 0, 1, 1]}
+    assert certification_indices(searched) == [1, 3, 4]
