@@ -91,6 +91,7 @@ class DeviceGate:
     device_seconds: float
     host_seconds_per_image: dict[str, float] = field(default_factory=dict)
     image_seconds: dict[str, float] = field(default_factory=dict)  # per image inside the run (no start-up)
+    infer_seconds: dict[str, float] = field(default_factory=dict)  # of which inference (no decode/preprocess)
 
     @property
     def device_gates(self) -> list[GateResult]:
@@ -124,6 +125,7 @@ class DeviceGate:
                 "device_seconds": round(self.device_seconds, 2),
                 "device_seconds_per_image": round(self.seconds_per_image, 3),
                 "device_image_seconds": {k: round(v, 3) for k, v in self.image_seconds.items()},
+                "device_infer_seconds": {k: round(v, 3) for k, v in self.infer_seconds.items()},
                 "host_seconds_per_image": {k: round(v, 4) for k, v in self.host_seconds_per_image.items()},
                 "note": ("emulator time, not device latency" if self.emulated else "measured on this machine")}
 
@@ -229,7 +231,7 @@ def device_gate(bundle: Bundle, sources: Sequence[str], data: GateData, host_sco
     sub = replace(data, tensors=data.tensors[idx], labels=data.labels[idx], quality=None)
     tag = {aid: f"{aid}@{p.name}" for aid in ids}
     scores: dict[str, np.ndarray] = {reference: np.asarray(host_scores[reference])[idx]}
-    diffs, host_s, image_s = [], {}, {}
+    diffs, host_s, image_s, infer_s = [], {}, {}, {}
     for aid in ids:
         logits = np.asarray(outputs[aid], dtype=np.float32)
         bad = [chosen[i] for i in np.flatnonzero(~np.all(np.isfinite(logits), axis=1))]
@@ -241,6 +243,7 @@ def device_gate(bundle: Bundle, sources: Sequence[str], data: GateData, host_sco
         rows = result["artifacts"][aid]["results"]
         image_s[aid] = float(np.mean([sum(v for v in (r.get("timings_ms") or {}).values()
                                           if isinstance(v, (int, float))) for r in rows])) / 1e3
+        infer_s[aid] = float(np.mean([(r.get("timings_ms") or {}).get("infer", np.nan) for r in rows])) / 1e3
         diff, host_s[aid] = _difference(aid, bundle, data, idx, logits, rows, threshold, settings)
         diffs.append(diff)
     fractions = {t: (mac_fractions or {}).get(a) for a in ids for t in (a, tag[a])}
@@ -249,7 +252,8 @@ def device_gate(bundle: Bundle, sources: Sequence[str], data: GateData, host_sco
                       info["qemu"], str(result.get("python")), dict(result.get("versions") or {}), tag,
                       [int(i) for i in idx], chosen, selection, reference,
                       f"host {platform.machine()} ({platform.python_implementation()} {platform.python_version()})",
-                      outcome, diffs, {k: [float(v) for v in s] for k, s in scores.items()}, seconds, host_s, image_s)
+                      outcome, diffs, {k: [float(v) for v in s] for k, s in scores.items()}, seconds, host_s,
+                      image_s, infer_s)
 
 
 def device_lines(d: DeviceGate) -> list[str]:
@@ -260,9 +264,11 @@ def device_lines(d: DeviceGate) -> list[str]:
              + ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "ai-edge-litert", "numpy") if k in v) + ")",
              f"  images: {d.selection}; fp32 reference {d.reference} from the {d.reference_from}",
              f"  device run {d.device_seconds:.1f} s in all ({d.seconds_per_image:.2f} s per image and file with "
-             "start-up; per image: " + ", ".join(f"{k} {s:.2f} s" for k, s in d.image_seconds.items())
+             "start-up; per image: " + ", ".join(f"{k} {s:.2f} s ({d.infer_seconds.get(k, float('nan')):.2f} s "
+                                                 "inference)" for k, s in d.image_seconds.items())
              + (", emulator time, not device latency" if d.emulated else "")
-             + "); host per image: " + ", ".join(f"{k} {s * 1e3:.0f} ms" for k, s in d.host_seconds_per_image.items())]
+             + "); host inference per image: "
+             + ", ".join(f"{k} {s * 1e3:.0f} ms" for k, s in d.host_seconds_per_image.items())]
     for diff in d.differences:
         lsb = f" ({diff.max_lsb:.2f} LSB)" if diff.max_lsb is not None else ""
         lines.append(f"  {diff.artifact} host vs device: max |Δlogit| {diff.max_abs_logit:.2e}{lsb}, max |Δp| "
