@@ -127,6 +127,21 @@ def test_blurred_and_darkened_real_photo_is_rejected(decoded: list[tuple[open_fu
         assert {"sharpness", "vessels"} & set(r.failed), r.failed
 
 
+def test_shaken_real_photo_is_rejected_for_shake(decoded: list[tuple[open_fundus.Photo, Image.Image]]) -> None:
+    """Camera shake (a straight smear of 2.5 % of the short side, datasets/degrade.py's motion blur at its
+    mildest) is refused on every real photo, by the isotropy of the fine detail, while the default sharpness
+    bound is low enough for the softest real camera."""
+    from fundus_edge.datasets.degrade import motion_blur
+
+    class _Fixed:  # the mildest smear, at an angle between the measure's axes
+        def uniform(self, lo: float, hi: float) -> float:
+            return 0.025 if hi < 1 else 0.4
+
+    for photo, img in decoded[::2]:
+        r, _ = assess_source(_jpeg(motion_blur(img, _Fixed())), SPEC)  # type: ignore[arg-type]
+        assert not r and {"isotropy", "sharpness"} & set(r.failed), (photo.path.name, r.failed, r.measures)
+
+
 def test_screening_result_reports_the_fov_in_the_photos_pixels(
         decoded: list[tuple[open_fundus.Photo, Image.Image]]) -> None:
     """Draft decoding halves an IDRiD photo; the result's fov must not. EXIF rotation is applied (as displayed)."""
