@@ -116,8 +116,11 @@ def test_default_quality_passes_real_photos_and_their_variants(
             if not r:
                 failures.setdefault(name, []).append(f"{photo.path.name}: {r.reasons}")
     n = len(decoded)
-    for name in ("full", "inscribed", "darker", "browner"):
-        assert len(failures.get(name, [])) <= n // 16, failures  # >= 15 of 16 per variant
+    # >= 97 % of each variant: every one of the 18 (measured: 18/18 full, inscribed, browner); the darkest end of
+    # the range misses 97 % on IDRiD's full set (96.3 %) and one of the 18 here (IDRiD_001: brightness)
+    for name in ("full", "inscribed", "browner"):
+        assert not failures.get(name), failures
+    assert len(failures.get("darker", [])) <= n // 16, failures
 
 
 def test_blurred_and_darkened_real_photo_is_rejected(decoded: list[tuple[open_fundus.Photo, Image.Image]]) -> None:
