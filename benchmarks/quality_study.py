@@ -219,6 +219,7 @@ def real_measures(root: Path, part: tuple[int, int] = (0, 1)) -> list[dict[str, 
     for photo in photos[part[0]::part[1]]:
         for variant, data in real_variant_images(photo).items():
             pre = preprocess(data, PreprocessSpec(), quality_size=spec.size)
+            assert pre.quality_image is not None  # asked for with quality_size
             rows.append({"camera": photo.dataset, "name": photo.path.name, "variant": variant,
                          "fit": photo.path in fit,
                          "measures": compute_measures(pre.quality_image, pre.fov, pre.decoded_size)})
