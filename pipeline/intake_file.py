@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError, MissingDependencyError, ModelLoadError, UsageError
+from ..errors import ExportError, MissingDependencyError, ModelLoadError, OutputContractError, UsageError
 from ..runtime.backends import BackendSettings, run_backend
 from ..runtime.compare import Tolerance, compare_outputs
 from ..runtime.preprocess import PreprocessSpec
@@ -60,6 +60,12 @@ def file_preprocessing(cfg: BuildConfig, layout: str, size: int | None, name: st
         raise UsageError(f"the preprocessing says size {base.size}, but {name} takes {size} x {size} images")
     over.update(layout=layout, size=size or want or (base.size if cfg.preprocessing else DEFAULT_SIZE))
     return replace(base, **over)
+
+
+def classifier_only(exc: OutputContractError, name: str) -> OutputContractError:
+    """The contract error of a brought file, saying that a file builds as a classifier only."""
+    return OutputContractError(f"{exc} (from a model file such as {name} the kit builds classifiers only; a "
+                               "segmentation model builds from its PyTorch model)", exc.shape, exc.task)
 
 
 def source_parity(fmt: FormatSpec, source: Path, copy: Path, x: np.ndarray, model: ModelInfo, cfg: BuildConfig,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OutputContractError
 from .config import BuildConfig
 from .formats import FormatSpec
-from .intake_file import check_file_request, file_preprocessing, reference_copy_stage
+from .intake_file import check_file_request, classifier_only, file_preprocessing, reference_copy_stage
 from .progress import Progress
 from .stages import Exported, ModelInfo, classes_for
 
@@ -32,7 +33,10 @@ class OnnxFileStage:
         progress.stage(f"reading ONNX model {cfg.model} (no PyTorch: the file is the fp32 reference)")
         info = inspect_onnx(Path(cfg.model))
         spec = file_preprocessing(cfg, info.layout, info.size, info.path.name)
-        n_out = probe_onnx(info, spec.size).num_outputs
+        try:
+            n_out = probe_onnx(info, spec.size).num_outputs
+        except OutputContractError as exc:
+            raise classifier_only(exc, info.path.name) from exc
         class_names, positive = classes_for(cfg, {}, n_out, cfg.num_classes)
         facts = info.to_dict()
         progress.say(f"{info.path.name}: input {info.input_name!r} {info.layout} {spec.size}x{spec.size} "

@@ -6,15 +6,14 @@ the ``[quantize-tflite]`` extra (litert-quantizer, ai-edge-litert)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from ..errors import OutputContractError
 from .config import BuildConfig
 from .formats import FormatSpec
-from .intake_file import check_file_request, file_preprocessing, reference_copy_stage
+from .intake_file import check_file_request, classifier_only, file_preprocessing, reference_copy_stage
 from .progress import Progress
 from .stages import Exported, ModelInfo, classes_for
 
@@ -25,12 +24,8 @@ class TfliteFileStage:
     kind = "tflite"
     reference_format = "tflite"
 
-    def check(self, cfg: BuildConfig) -> None:
-        from ..quantization.quantize_tflite import QUANTIZER_PACKAGES
-
+    def check(self, cfg: BuildConfig) -> None:  # the quantizer: format_tflite.check_config
         check_file_request(cfg, self.kind, NEEDS)
-        if "int8" in cfg.precisions and not any(importlib.util.find_spec(m) for m, _ in QUANTIZER_PACKAGES):
-            raise MissingDependencyError("litert-quantizer", "quantize-tflite", "TFLite int8 quantization")
 
     def load(self, cfg: BuildConfig, progress: Progress) -> ModelInfo:
         from ..export.tflite_file import inspect_tflite_file, probe_tflite
@@ -38,7 +33,10 @@ class TfliteFileStage:
         progress.stage(f"reading TFLite model {cfg.model} (no PyTorch: the file is the fp32 reference)")
         info, interp = inspect_tflite_file(Path(cfg.model))
         spec = file_preprocessing(cfg, info.layout, info.size, info.path.name)
-        n_out = probe_tflite(info, interp, spec.size).num_outputs
+        try:
+            n_out = probe_tflite(info, interp, spec.size).num_outputs
+        except OutputContractError as exc:
+            raise classifier_only(exc, info.path.name) from exc
         class_names, positive = classes_for(cfg, {}, n_out, cfg.num_classes)
         progress.say(f"{info.path.name}: input {info.input_name!r} {info.layout} {spec.size}x{spec.size}, {n_out} "
                      f"outputs, referable classes {positive}, signature {info.signature!r} ({progress.seconds()})")
