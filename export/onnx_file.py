@@ -157,3 +157,18 @@ def probe_onnx(info: OnnxFileInfo, size: int, task: str = "classification") -> O
                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
     dtype = _ORT_DTYPES.get(sess.get_outputs()[0].type, str(getattr(out, "dtype", "unknown")))
     return check_output(tuple(np.shape(out)), task, shape, info.layout, dtype)
+
+
+def with_fixed_size(info: OnnxFileInfo, size: int, out: Path) -> Path:
+    """A copy of the file whose image input has a fixed ``size`` x ``size`` (batch 1), for counting MACs by shape
+    inference: a dynamic height and width would count as 1 pixel. Returns the file itself when already fixed."""
+    if info.size is not None:
+        return info.path
+    onnx = _import_onnx()
+    model = onnx.load(str(info.path))
+    dims = next(i for i in model.graph.input if i.name == info.input_name).type.tensor_type.shape.dim
+    for axis, value in zip((0, 2, 3) if info.layout == "NCHW" else (0, 1, 2), (1, size, size), strict=True):
+        dims[axis].ClearField("dim_param")
+        dims[axis].dim_value = value
+    onnx.save(model, str(out))
+    return out

@@ -47,8 +47,13 @@ class OnnxFileStage:
 
     def export(self, fmt: FormatSpec, cfg: BuildConfig, model: ModelInfo, parity_x: np.ndarray, staging: Path,
                progress: Progress) -> Exported:
+        from ..export.onnx_file import inspect_onnx, with_fixed_size
         from ..quantization.quantize_onnx import count_macs
 
         exported = reference_copy_stage(fmt, cfg, model, parity_x, staging, progress)
-        compute = {**count_macs(staging / exported.artifact.path), "input_size": model.spec.size}
+        shipped = staging / exported.artifact.path
+        counted = with_fixed_size(inspect_onnx(shipped), model.spec.size, staging / "macs.onnx")
+        compute = {**count_macs(counted), "counted_on": shipped.name, "input_size": model.spec.size}
+        if counted != shipped:
+            counted.unlink()
         return Exported(exported.fmt, exported.artifact, exported.info, compute)
