@@ -1,4 +1,5 @@
-"""``fundus-edge build``: export, quantize, gate and bundle a model (needs the [export] extra)."""
+"""``fundus-edge build``: export, quantize, gate and bundle a model (a PyTorch model needs the [export] extra; a
+brought fp32 .onnx file needs only [quantize], no PyTorch)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,49 @@ def build_config(args: argparse.Namespace) -> Any:
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
         debug_layers=not args.no_debug_layers, device=args.device,
-        formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
+        formats=formats_arg(args), tflite_layout=args.tflite_layout,
+        preprocess_overrides=preprocess_overrides(args),
         tflite_int8_io=args.tflite_int8_io,
         quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
         sign_key=getattr(args, "sign_key", None),
         sign_key_passphrase=passphrase_from_env(getattr(args, "sign_key_passphrase_env", None)),
     )
+
+
+def formats_arg(args: argparse.Namespace) -> tuple[str, ...]:
+    """--formats, or by default a brought .onnx/.tflite file's own format, else onnx,tflite."""
+    from ..pipeline.intake import default_formats
+
+    if args.formats is None:
+        return default_formats(args.model)
+    return tuple(f for f in args.formats.split(",") if f)
+
+
+def preprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing flags given on the command line, as PreprocessSpec fields."""
+    given = {"size": args.input_size, "mean": args.mean, "std": args.std, "resample": args.resample,
+             "ben_graham_sigma": args.ben_graham_sigma}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "preprocessing",
+        "For a .onnx/.tflite model these flags define the preprocessing (the file carries no checkpoint metadata; "
+        "its input layout and fixed size are read from the file): field-of-view crop, resize to --input-size, "
+        "scale pixels to [0, 1], then (x - mean) / std per RGB channel. Defaults: 224 (or the file's size), "
+        "ImageNet mean/std. A model that takes [-1, 1] inputs needs --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5; one "
+        "that takes 0..255 needs --mean 0 0 0 --std 0.00392157 0.00392157 0.00392157. For a PyTorch checkpoint "
+        "they override what it recorded. The bundle's manifest records the result.")
+    g.add_argument("--input-size", type=int, metavar="PIXELS",
+                   help="square input side (needed only for a model file with a dynamic height and width)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean of [0, 1] pixels")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std of [0, 1] pixels")
+    g.add_argument("--resample", choices=["nearest", "bilinear", "bicubic", "lanczos"],
+                   help="resize filter (default bilinear)")
+    g.add_argument("--ben-graham-sigma", type=float, metavar="FRACTION",
+                   help="Ben Graham local-average subtraction, Gaussian sigma as a fraction of the input size "
+                        "(default: off)")
 
 
 def build_summary(result: Any) -> str:
@@ -174,9 +212,12 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    b = sub.add_parser("build", help="export, quantize, gate and bundle a model (needs the [export] extra)")
+    b = sub.add_parser("build", help="export, quantize, gate and bundle a model (a PyTorch model needs the [export] "
+                       "extra; an fp32 .onnx file only [quantize], no PyTorch)")
     b.add_argument("--model", required=True,
-                   help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), or reference:NAME")
+                   help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), reference:NAME, or an "
+                        "fp32 .onnx / .tflite file (no PyTorch needed: the file is the reference and ships "
+                        "unchanged; set its preprocessing with the flags below)")
     b.add_argument("--task", choices=["classification", "segmentation", "auto"], default="auto",
                    help="classification (a referable-DR classifier, [N, C] logits), segmentation (a vessel model, "
                         "[N, C, H, W] logits; --val is then a masks CSV image,mask[,fov]) or auto (default: the "
@@ -203,9 +244,10 @@ def register(sub: Any) -> None:
     b.add_argument("--fallback-max-trials", type=int, default=24)
     b.add_argument("--fallback-max-seconds", type=float, default=900.0)
     b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
-    b.add_argument("--formats", default="onnx,tflite",
-                   help="artifact formats, comma-separated (default onnx,tflite); the first one's fp32 file locks "
-                        "the operating point and its int8 file is the default artifact")
+    b.add_argument("--formats", default=None,
+                   help="artifact formats, comma-separated (default onnx,tflite; a .onnx/.tflite model: its own "
+                        "format); the first one's fp32 file locks the operating point and its int8 file is the "
+                        "default artifact")
     b.add_argument("--tflite-layout", choices=["NHWC", "NCHW"], default="NHWC",
                    help="input layout of the .tflite files (default NHWC: no transpose on the device)")
     b.add_argument("--tflite-int8-io", choices=["int8", "float32"], default="int8",
@@ -227,6 +269,7 @@ def register(sub: Any) -> None:
     b.add_argument("--device-seed", type=int, default=0, help="seed of the --device-images sample")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    add_preprocess_args(b)
     add_gate_args(b)
     s = b.add_argument_group("signing")
     s.add_argument("--sign-key", type=Path, metavar="KEY",
