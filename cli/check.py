@@ -37,6 +37,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(result.verdict, 8)
 
 
+def _model_name(model: dict[str, Any]) -> str:
+    """The architecture, or for a brought file its format and sha256 prefix."""
+    if model.get("arch"):
+        return str(model["arch"])
+    if model.get("source_format"):
+        return f"brought {model['source_format']} file (sha256 {str(model.get('source_sha256'))[:12]})"
+    return "unknown architecture"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
 
@@ -44,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = b.manifest
     lines = [f"bundle {b.bundle_id} (schema {m['schema_version']}), created {m.get('created')}, all "
              f"{len(m['files'])} files verified",
-             f"model: {m['model'].get('arch')} classes {b.class_names}, referable {b.positive_classes}",
+             f"model: {_model_name(m['model'])} classes {b.class_names}, referable {b.positive_classes}",
              f"input: {m['input']['shape']} {m['input']['layout']}; preprocessing size {b.preprocessing.size}",
              f"operating point: threshold {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
              f"gate: {m['gate'].get('verdict') or ('PASS' if m['gate']['passed'] else 'FAIL')}"
