@@ -7,7 +7,8 @@ torch or onnx). Usage: ``python -m fundus_edge.devices.worker REQUEST.json``; it
 for a segmentation bundle one working-resolution probability map per artifact and photo, devices/worker_seg.py)
 into the request's ``out_dir``.
 
-Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``, and
+Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``,
+``quality`` (false: no image-quality check, every decoded image is inferred, as the clinical gate scores it), and
 ``caps``: ``cores`` (CPU affinity), ``rlimit_as_bytes`` (RLIMIT_AS), ``cgroup_procs`` (a cgroup v1
 ``cgroup.procs`` file to join before anything big is allocated).
 """
@@ -74,6 +75,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     applied = apply_caps(request.get("caps") or {})
     import platform
+    from dataclasses import replace
 
     from ..bundle.read import load_bundle
     from ..runtime.backends import BackendSettings
@@ -114,7 +116,8 @@ def _run_classification(bundle: Any, artifacts: list[str], images: list[str], se
                                                     bundle.read_artifact(art)))
         backend.activate()
         rows, per_image = [], []
-        with Screener(bundle, art, backend) as screener:
+        quality = None if request.get("quality", True) else replace(bundle.quality, enabled=False)
+        with Screener(bundle, art, backend, quality) as screener:
             for src in images:
                 before = len(backend.outputs)
                 r = screener.screen(src)

@@ -235,12 +235,11 @@ def route_task(cfg: BuildConfig, signer: Any, log: Log | None) -> BuildResult | 
     """``--task segmentation|auto``: load and probe the model; build it here when it is a segmentation model,
     return None for a classifier (the classification build goes on). Raises :class:`OutputContractError`."""
     from ..export.load import load_model
-    from ..runtime.preprocess import PreprocessSpec
+    from .stages import preprocessing_for
     from .task import resolve_task
 
     loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
-    spec = cfg.preprocessing or (PreprocessSpec.from_dict(loaded.meta["preprocessing"])
-                                 if "preprocessing" in loaded.meta else PreprocessSpec())
+    spec = preprocessing_for(cfg, loaded.meta)
     task, contract, _ = resolve_task(loaded.module, cfg.task, loaded.meta, spec.size, spec.layout)
     if task != "segmentation":
         return None
