@@ -86,12 +86,15 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     images = [str(p) for p in request["images"]]
     result: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
                               "caps": applied, "versions": _versions(), "artifacts": {}}
+    # quality false: no image-quality check, every decoded image is inferred (as the clinical gate scores it)
+    quality = None if request.get("quality", True) else replace(bundle.quality, enabled=False)
     if bundle.spec.task == "segmentation":
         from .worker_seg import run_segmentation
 
-        result["artifacts"] = run_segmentation(bundle, request["artifacts"], images, settings, out_dir)
+        result["artifacts"] = run_segmentation(bundle, request["artifacts"], images, settings, out_dir, quality)
     else:
-        result["artifacts"] = _run_classification(bundle, request["artifacts"], images, settings, out_dir)
+        result["artifacts"] = _run_classification(bundle, request["artifacts"], images, settings, out_dir,
+                                                  quality)
     from .caps import vm_hwm_kb
 
     result["vm_hwm_kb"] = vm_hwm_kb()
@@ -99,8 +102,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_classification(bundle: Any, artifacts: list[str], images: list[str], settings: Any, out_dir: Path
-                        ) -> dict[str, Any]:
+def _run_classification(bundle: Any, artifacts: list[str], images: list[str], settings: Any, out_dir: Path,
+                        quality: Any = None) -> dict[str, Any]:
     """Screen every image with every artifact through the runtime's Screener; (N, C) outputs to outputs.npz."""
     import numpy as np
 
@@ -116,7 +119,6 @@ def _run_classification(bundle: Any, artifacts: list[str], images: list[str], se
                                                     bundle.read_artifact(art)))
         backend.activate()
         rows, per_image = [], []
-        quality = None if request.get("quality", True) else replace(bundle.quality, enabled=False)
         with Screener(bundle, art, backend, quality) as screener:
             for src in images:
                 before = len(backend.outputs)

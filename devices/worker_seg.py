@@ -45,9 +45,10 @@ def _digesting_backend(inner: Any) -> Any:
     return Digesting()
 
 
-def run_segmentation(bundle: Any, artifacts: list[str], images: list[str], settings: Any, out_dir: Path
-                     ) -> dict[str, Any]:
-    """Per artifact: backend facts and per-photo results; the maps go to ``out_dir / outputs.npz``."""
+def run_segmentation(bundle: Any, artifacts: list[str], images: list[str], settings: Any, out_dir: Path,
+                     quality: Any = None) -> dict[str, Any]:
+    """Per artifact: backend facts and per-photo results; the maps go to ``out_dir / outputs.npz``.
+    ``quality``: the image-quality spec (None: the bundle's)."""
     import numpy as np
 
     from ..runtime.backends import create_backend
@@ -61,7 +62,7 @@ def run_segmentation(bundle: Any, artifacts: list[str], images: list[str], setti
                                                         bundle.read_artifact(art)))
             backend.activate()
             per_image = []
-            with Segmenter(bundle, art, backend) as seg:
+            with Segmenter(bundle, art, backend, quality) as seg:
                 for i, src in enumerate(images):
                     backend.digest = hashlib.sha256()
                     d = seg.segment(src, None).to_dict()
