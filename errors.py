@@ -92,6 +92,13 @@ class OutputContractError(ModelLoadError):
         super().__init__(message)
 
 
+class QuantizedReferenceError(ModelLoadError):
+    """A model file brought as the build's reference is already quantized (int8 ops or weights): the reference
+    must be the float model that the kit's int8 file is gated against."""
+
+    code = "quantized-reference"
+
+
 class ExportError(FundusEdgeError):
     """Export failed, or the exported model disagrees with PyTorch beyond tolerance."""
 

@@ -6,9 +6,8 @@
 are migrated in memory (:func:`migrate_v1`). ``manifest.schema.json`` beside this file is generated from these
 classes (:func:`json_schema`; a test keeps it in step).
 
-Schema v2 over v1: ``task`` ("classification"; "segmentation" comes next) and ``output.meaning`` (what the
-output tensor means: for classification the class names and positive classes, which v1 kept under ``model``,
-the activation and the kind); ``output.kind`` moved into the meaning.
+Schema v2 over v1: ``task`` and ``output.meaning`` (what the output tensor means: for classification the class
+names and positive classes, which v1 kept under ``model``, the activation and the kind, once ``output.kind``).
 
 Typed at the top only (JSON objects keyed by artifact id): ``quantization``, ``export``, ``gate.criteria``,
 ``gate.quality``, each artifact's ``gate`` record and ``model.training``.
@@ -124,13 +123,15 @@ class OutputSpec(JsonRecord):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo(JsonRecord):
-    """Where the model came from."""
+    """Where the model came from; ``source_format``: a PyTorch model or a brought fp32 file (and its sha256)."""
 
     source: str = spec()
     arch: str | None = spec()
     num_outputs: int = spec(ge=1)
     referable_rule: str | None = spec()
     training: JsonObject | None = spec()
+    source_format: Literal["pytorch", "onnx", "tflite"] | None = spec(default=None)
+    source_sha256: str | None = spec(default=None, pattern="^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -337,7 +338,6 @@ class Manifest(JsonRecord):
         if list(self.input.shape[1:]) != chw or self.input.layout != pre.layout:
             fail("input.shape", f"{list(self.input.shape)} ({self.input.layout}) does not match the preprocessing "
                  f"({pre.layout}, size {pre.size}): expected [batch, {', '.join(map(str, chw))}]")
-
 
     def _check_segmentation(self) -> None:
         meaning, dense = self.output.meaning, self.dense

@@ -1,4 +1,5 @@
-"""``fundus-edge build``: export, quantize, gate and bundle a model (needs the [export] extra)."""
+"""``fundus-edge build``: export, quantize, gate and bundle a model (a PyTorch model needs the [export] extra; a
+brought fp32 .onnx file needs only [quantize], no PyTorch)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,49 @@ def build_config(args: argparse.Namespace) -> Any:
         exclude_nodes=list(args.exclude_nodes), fallback=not args.no_fallback,
         fallback_budget=FallbackBudget(max_trials=args.fallback_max_trials, max_seconds=args.fallback_max_seconds),
         debug_layers=not args.no_debug_layers, device=args.device,
-        formats=tuple(f for f in args.formats.split(",") if f), tflite_layout=args.tflite_layout,
+        formats=formats_arg(args), tflite_layout=args.tflite_layout,
+        preprocess_overrides=preprocess_overrides(args),
         tflite_int8_io=args.tflite_int8_io,
         quality=load_quality_spec(args.quality_spec) if args.quality_spec else None,
         sign_key=getattr(args, "sign_key", None),
         sign_key_passphrase=passphrase_from_env(getattr(args, "sign_key_passphrase_env", None)),
     )
+
+
+def formats_arg(args: argparse.Namespace) -> tuple[str, ...]:
+    """--formats, or by default a brought .onnx/.tflite file's own format, else onnx,tflite."""
+    from ..pipeline.intake import default_formats
+
+    if args.formats is None:
+        return default_formats(args.model)
+    return tuple(f for f in args.formats.split(",") if f)
+
+
+def preprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing flags given on the command line, as PreprocessSpec fields."""
+    given = {"size": args.input_size, "mean": args.mean, "std": args.std, "resample": args.resample,
+             "ben_graham_sigma": args.ben_graham_sigma}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "preprocessing",
+        "For a .onnx/.tflite model these flags define the preprocessing (the file carries no checkpoint metadata; "
+        "its input layout and fixed size are read from the file): field-of-view crop, resize to --input-size, "
+        "scale pixels to [0, 1], then (x - mean) / std per RGB channel. Defaults: 224 (or the file's size), "
+        "ImageNet mean/std. A model that takes [-1, 1] inputs needs --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5; one "
+        "that takes 0..255 needs --mean 0 0 0 --std 0.00392157 0.00392157 0.00392157. For a PyTorch checkpoint "
+        "they override what it recorded. The bundle's manifest records the result.")
+    g.add_argument("--input-size", type=int, metavar="PIXELS",
+                   help="square input side (needed only for a model file with a dynamic height and width)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean of [0, 1] pixels")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std of [0, 1] pixels")
+    g.add_argument("--resample", choices=["nearest", "bilinear", "bicubic", "lanczos"],
+                   help="resize filter (default bilinear)")
+    g.add_argument("--ben-graham-sigma", type=float, metavar="FRACTION",
+                   help="Ben Graham local-average subtraction, Gaussian sigma as a fraction of the input size "
+                        "(default: off)")
 
 
 def build_summary(result: Any) -> str:
@@ -91,9 +129,43 @@ def seg_summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _device_gate_request(args: argparse.Namespace) -> Any:
+    """The post-build device gate asked for with --device-gate (None when not), checked before the build."""
+    if not getattr(args, "device_gate", False):
+        return None
+    from ..devices.emulate import want_emulation
+    from ..devices.profile import get_profile
+    from ..errors import UsageError
+    from ..pipeline.device_gate import DeviceGateConfig
+
+    if not args.device:
+        raise UsageError("--device-gate needs --device PROFILE (e.g. rpi4)")
+    if want_emulation(get_profile(args.device), "auto"):
+        from ..devices.emuroot import open_root
+
+        open_root()  # no emulation root: fail now, not after the build
+    return DeviceGateConfig(args.device, args.device_images, args.device_seed)
+
+
+def _run_device_gate(args: argparse.Namespace, result: Any, cfg: Any, payload: dict[str, Any],
+                     text: str) -> tuple[str, int]:
+    import sys
+
+    from ..pipeline.device_gate import device_lines
+    from ..pipeline.device_gate_build import device_gate_after_build
+    from .choices import backend_settings
+
+    dev = device_gate_after_build(result.out, cfg, backend_settings(args),
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+    payload["device"] = dev.to_dict()
+    code = {"PASS": 0, "INSUFFICIENT EVIDENCE": 0 if args.allow_insufficient_evidence else 15}.get(dev.verdict, 8)
+    return "\n".join([text, *device_lines(dev)]), code
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ..pipeline.build import run_build
 
+    device_cfg = _device_gate_request(args)
     result = run_build(build_config(args))
     if result.report.get("task") == "segmentation":
         payload = {"bundle": str(result.out), "task": "segmentation",
@@ -108,8 +180,11 @@ def cmd_build(args: argparse.Namespace) -> int:
                "signed_by": result.signed_by, "images": result.report["images"],
                "reference": result.report["reference"],
                "gates": result.report["gates"], "operating_point": result.report["operating_point"]}
-    emit(args, payload, build_summary(result))
-    return 0
+    text, code = build_summary(result), 0
+    if device_cfg is not None:
+        text, code = _run_device_gate(args, result, device_cfg, payload, text)
+    emit(args, payload, text)
+    return code
 
 
 def add_gate_args(p: argparse.ArgumentParser) -> None:
@@ -137,9 +212,12 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    b = sub.add_parser("build", help="export, quantize, gate and bundle a model (needs the [export] extra)")
+    b = sub.add_parser("build", help="export, quantize, gate and bundle a model (a PyTorch model needs the [export] "
+                       "extra; an fp32 .onnx file only [quantize], no PyTorch)")
     b.add_argument("--model", required=True,
-                   help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), or reference:NAME")
+                   help="checkpoint/state_dict (.pt/.pth), TorchScript, torch.export (.pt2), reference:NAME, or an "
+                        "fp32 .onnx / .tflite file (no PyTorch needed: the file is the reference and ships "
+                        "unchanged; set its preprocessing with the flags below)")
     b.add_argument("--task", choices=["classification", "segmentation", "auto"], default="auto",
                    help="classification (a referable-DR classifier, [N, C] logits), segmentation (a vessel model, "
                         "[N, C, H, W] logits; --val is then a masks CSV image,mask[,fov]) or auto (default: the "
@@ -166,9 +244,10 @@ def register(sub: Any) -> None:
     b.add_argument("--fallback-max-trials", type=int, default=24)
     b.add_argument("--fallback-max-seconds", type=float, default=900.0)
     b.add_argument("--no-debug-layers", action="store_true", help="skip the per-layer fp32-vs-int8 error table")
-    b.add_argument("--formats", default="onnx,tflite",
-                   help="artifact formats, comma-separated (default onnx,tflite); the first one's fp32 file locks "
-                        "the operating point and its int8 file is the default artifact")
+    b.add_argument("--formats", default=None,
+                   help="artifact formats, comma-separated (default onnx,tflite; a .onnx/.tflite model: its own "
+                        "format); the first one's fp32 file locks the operating point and its int8 file is the "
+                        "default artifact")
     b.add_argument("--tflite-layout", choices=["NHWC", "NCHW"], default="NHWC",
                    help="input layout of the .tflite files (default NHWC: no transpose on the device)")
     b.add_argument("--tflite-int8-io", choices=["int8", "float32"], default="int8",
@@ -181,8 +260,16 @@ def register(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--device", help="target device profile: its preferred artifact becomes the bundle default and "
                    "its settings are recorded in the manifest (see 'fundus-edge devices')")
+    b.add_argument("--device-gate", action="store_true",
+                   help="with --device: after the build, gate the int8 files on the device's own kernels (Arm: "
+                        "emulated, slow) on the certification images; the verdict sets the exit code, it is not "
+                        "in the signed manifest (see docs/gate.md)")
+    b.add_argument("--device-images", type=int, metavar="N",
+                   help="with --device-gate: a seeded stratified sample of N certification images (default: all)")
+    b.add_argument("--device-seed", type=int, default=0, help="seed of the --device-images sample")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory")
     b.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    add_preprocess_args(b)
     add_gate_args(b)
     s = b.add_argument_group("signing")
     s.add_argument("--sign-key", type=Path, metavar="KEY",

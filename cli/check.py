@@ -12,13 +12,38 @@ from .output import emit
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import sys
+
     from ..pipeline.check import run_check
     from .check_format import format_check
 
+    device = None
+    if args.device:
+        from ..pipeline.device_gate import DeviceGateConfig
+
+        device = DeviceGateConfig(args.device, args.device_images, args.device_seed)
+    stability = None
+    if args.stability:
+        from ..errors import UsageError
+        from ..quantization.stability import StabilityConfig
+
+        if args.calib is None:
+            raise UsageError("--stability K needs --calib DIR: the calibration images the K subsets are drawn from")
+        stability = StabilityConfig(args.stability, args.calib, args.calib_size, args.stability_seed)
     result = run_check(args.bundle, args.val, args.val_images, settings=backend_settings(args),
-                       referable_from=args.referable_from, artifacts=args.artifacts)
+                       referable_from=args.referable_from, artifacts=args.artifacts, device=device,
+                       log=lambda s: print(s, file=sys.stderr, flush=True), stability=stability)
     emit(args, result.to_dict(), format_check(result))
     return {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(result.verdict, 8)
+
+
+def _model_name(model: dict[str, Any]) -> str:
+    """The architecture, or for a brought file its format and sha256 prefix."""
+    if model.get("arch"):
+        return str(model["arch"])
+    if model.get("source_format"):
+        return f"brought {model['source_format']} file (sha256 {str(model.get('source_sha256'))[:12]})"
+    return "unknown architecture"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -28,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = b.manifest
     lines = [f"bundle {b.bundle_id} (schema {m['schema_version']}), created {m.get('created')}, all "
              f"{len(m['files'])} files verified",
-             f"model: {m['model'].get('arch')} classes {b.class_names}, referable {b.positive_classes}",
+             f"model: {_model_name(m['model'])} classes {b.class_names}, referable {b.positive_classes}",
              f"input: {m['input']['shape']} {m['input']['layout']}; preprocessing size {b.preprocessing.size}",
              f"operating point: threshold {b.operating_point.threshold:.4f} ({b.operating_point.rule})",
              f"gate: {m['gate'].get('verdict') or ('PASS' if m['gate']['passed'] else 'FAIL')}"
@@ -51,6 +76,18 @@ def register(sub: Any) -> None:
                    help="artifact id to check; repeat for more (default: all)")
     c.add_argument("--artifacts", nargs="+", dest="artifacts", help=argparse.SUPPRESS)  # old spelling
     c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--device", metavar="PROFILE",
+                   help="also gate the int8 files on that device's own kernels: an Arm profile (e.g. rpi4) runs "
+                        "them with the real aarch64 wheels under QEMU (slow: see docs/gate.md)")
+    c.add_argument("--device-images", type=int, metavar="N",
+                   help="with --device: gate on a seeded stratified sample of N images (default: all)")
+    c.add_argument("--device-seed", type=int, default=0, help="seed of the --device-images sample (default 0)")
+    c.add_argument("--stability", type=int, metavar="K", default=0,
+                   help="re-quantize the ONNX int8 file on K calibration subsets of --calib and report the spread "
+                        "of ΔAUC and flips; flags an unstable file (needs onnx; see docs/gate.md)")
+    c.add_argument("--calib", type=Path, help="with --stability: the folder of calibration images")
+    c.add_argument("--calib-size", type=int, help="with --stability: images per subset (default: the build's)")
+    c.add_argument("--stability-seed", type=int, default=1, help="subset i is drawn with this seed + i (default 1)")
     c.add_argument("--json", action="store_true", help="one JSON document on stdout")
     c.set_defaults(func=cmd_check)
 

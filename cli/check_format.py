@@ -51,5 +51,13 @@ def format_check(result: CheckResult) -> str:
         lines.append(f"  no {r.reference} artifact in this bundle: absolute metrics only, no relative gate")
     if r.quality is not None:
         lines += _quality_lines(r.quality, r.n)
+    if r.device is not None:
+        from ..pipeline.device_gate import device_lines
+
+        lines += device_lines(r.device)
+    if r.stability is not None:
+        from ..quantization.stability import stability_lines
+
+        lines += stability_lines(r.stability)
     lines.append(f"check: {r.verdict}" + ("; operating point DRIFT (see above)" if r.drifted else ""))
     return "\n".join(lines)

@@ -229,6 +229,8 @@ def register(sub: Any) -> None:
     c = sub.add_parser("compare", help="cross-backend parity matrix: PyTorch vs every artifact (and other machines)")
     c.add_argument("--bundle", type=Path, help="bundle whose artifacts run here")
     c.add_argument("images", nargs="*", help="image files or directories (default: the kit's CC0 photographs)")
+    c.add_argument("--masks", type=Path, metavar="CSV", help="segmentation bundles: expert masks (image,mask[,fov]); "
+                   "their photos are compared and ΔAUC/ΔF1 measured")
     c.add_argument("--synthetic", type=int, default=16, help="seeded synthetic images to add (default 16)")
     c.add_argument("--seed", type=int, default=2024)
     c.add_argument("--artifact", action="append", dest="artifacts", metavar="ID",

@@ -47,7 +47,7 @@ def segmentation_demo(out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"vessel segmentation: building on {len(val)} test-split photos ({len(val_hrf)} HRF, {len(val_chase)} "
         f"CHASE_DB1), calibrating on {len(calib_photos)} training-split photos")
     cfg = BuildConfig(model="reference:vessels-unet", out=out / "vessels-bundle", calib=work / "calib", val=csv,
-                      task="segmentation", formats=("onnx",), allow_failed_gate=True, force=True, threads=0)
+                      task="segmentation", formats=("onnx", "tflite"), allow_failed_gate=True, force=True, threads=0)
     result = run_build(cfg, log=log)
     overlays = []
     with load_segmenter(result.out or cfg.out) as seg:

@@ -75,6 +75,14 @@ def _setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outcome(r: dict[str, Any]) -> str:
+    """One screening result in a few words: the decision and probability, or (segmentation) the vessel density."""
+    if "probability" in r:
+        return f"{r['decision']:<9} p={r['probability']:.4f}"
+    bio = r.get("biomarkers")
+    return f"{r['decision']:<10}" + (f" vessel density {bio['density']:.4f}" if bio else "")
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     if args.inputs == ["setup"] and args.bundle is None and args.install_package is None:
         return _setup(args)
@@ -97,12 +105,12 @@ def cmd_emulate(args: argparse.Namespace) -> int:
                  f"({doc.get('backend')}):"]
         for r in doc.get("results", []):
             name = Path(r["source"]).name
-            lines.append(f"  {name:<30} " + (f"ERROR {r['error']['code']}" if r.get("error") else
-                                             f"{r['decision']:<9} p={r['probability']:.4f}"))
+            lines.append(f"  {name:<30} " + (f"ERROR {r['error']['code']}" if r.get("error") else _outcome(r)))
         s = doc.get("summary", {})
-        lines.append(f"{s.get('n')} images: {s.get('refer')} refer, {s.get('no_refer')} no-refer, "
-                     f"{s.get('errors')} errors (emulator time: install {res.install_seconds:.0f} s, screen "
-                     f"{res.screen_seconds:.0f} s; not device speed)")
+        counts = (f"{s.get('segmented')} segmented, {s.get('ungradable')} ungradable" if "segmented" in s else
+                  f"{s.get('refer')} refer, {s.get('no_refer')} no-refer")
+        lines.append(f"{s.get('n')} images: {counts}, {s.get('errors')} errors (emulator time: install "
+                     f"{res.install_seconds:.0f} s, screen {res.screen_seconds:.0f} s; not device speed)")
         emit(args, res.to_dict(), "\n".join(lines))
         return 0 if s.get("errors") == 0 else 10
     if args.bundle is None:

@@ -1,5 +1,7 @@
-"""Segmentation bundles on the command line: ``screen`` (vessel mask + overlay PNGs and biomarkers per photo),
-``info`` and ``check`` (re-gate on a masks CSV). Commands that do not support them yet say so (no traceback).
+"""Segmentation bundles on the command line: ``screen`` (vessel mask + overlay PNGs and biomarkers per photo;
+honours --device/--device-config and the trust policy), ``info``, ``check`` (re-gate on a masks CSV), ``bench``
+(cli/bench_seg.py) and ``compare`` (cli/compare_seg.py); ``emulate`` and ``package`` take them through their own
+handlers. Commands that do not support them yet say so (no traceback).
 
 ``screen --out-dir DIR`` (default ``./fundus-edge-vessels``): ``<photo stem>.vessels.png`` (binary mask, photo
 pixels) and ``<photo stem>.overlay.png`` (vessels tinted on the photo) per photo. Torch-free."""
@@ -16,7 +18,7 @@ from ..errors import ImageError, UsageError
 from .output import emit
 
 DEFAULT_OUT_DIR = Path("fundus-edge-vessels")
-SUPPORTED = ("screen", "info", "check", "quality", "keys")
+SUPPORTED = ("screen", "info", "check", "quality", "keys", "emulate", "package")
 
 
 def bundle_task(bundle: Path) -> str | None:
@@ -37,13 +39,18 @@ def segmentation_command(args: argparse.Namespace) -> Callable[[argparse.Namespa
     bundle = getattr(args, "bundle", None)
     if bundle is None or bundle_task(bundle) != "segmentation":
         return None
-    handlers = {"screen": cmd_screen_seg, "info": cmd_info_seg, "check": cmd_check_seg}
+    from .bench_seg import cmd_bench_seg
+    from .compare_seg import cmd_compare_seg
+
+    handlers = {"screen": cmd_screen_seg, "info": cmd_info_seg, "check": cmd_check_seg, "bench": cmd_bench_seg,
+                "compare": cmd_compare_seg}
     if args.command in handlers:
         return handlers[args.command]
     if args.command in SUPPORTED:
         return None
+    takes = ", ".join(f"'{c}'" for c in (*handlers, *SUPPORTED))
     raise UsageError(f"'{args.command}' does not support segmentation bundles yet ({bundle} is a vessel "
-                     "segmentation bundle); 'screen', 'info' and 'check' do")
+                     f"segmentation bundle); {takes} do")
 
 
 def _screen_line(r: dict[str, Any]) -> str:
@@ -56,13 +63,31 @@ def _screen_line(r: dict[str, Any]) -> str:
             f"(r2 {b['fractal_r2']:.3f}); mask {r['mask']}, overlay {r['overlay']}")
 
 
+# options that need the field session (cli/field.py: result store, watch mode, patient fields); without them the
+# trust policy (--device-config, --trusted-keys, --require-signature) and the device's choices are handled here
+FIELD_ONLY = ("store", "watch", "patient_id", "patient_id_file", "eye", "audit_log")
+
+
+def _verified(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The bundle, verified against the trust policy of --device-config / --trusted-keys / --require-signature."""
+    from ..bundle.signing import TrustPolicy, verify_bundle
+    from .output import warn
+
+    base = TrustPolicy.from_config(args.device_config) if getattr(args, "device_config", None) else TrustPolicy()
+    policy = base.tightened(getattr(args, "trusted_keys", None), getattr(args, "require_signature", False))
+    bundle, status = verify_bundle(args.bundle, policy)
+    if policy.active and not status.signed:
+        warn(f"bundle {args.bundle} is not signed; it was accepted because signatures are not required "
+             "(--require-signature)")
+    return bundle, status
+
+
 def cmd_screen_seg(args: argparse.Namespace) -> int:
-    from ..runtime.backends import BackendSettings
     from ..runtime.screen import expand_inputs
     from ..runtime.segment import load_segmenter
-    from .field import wants_field
+    from .choices import screen_choices
 
-    if wants_field(args):  # result store, watch mode, patient fields, trust policy: as for classification
+    if any(getattr(args, k, None) for k in FIELD_ONLY):  # stored rows with biomarkers (runtime/field/segmentation.py)
         from .field import screen_field
 
         return screen_field(args)
@@ -70,8 +95,9 @@ def cmd_screen_seg(args: argparse.Namespace) -> int:
         raise UsageError("give image files or directories to segment")
     sources = expand_inputs(args.inputs)
     out_dir = args.out_dir or DEFAULT_OUT_DIR
-    with load_segmenter(args.bundle, artifact=args.artifact, fmt=args.format, precision=args.precision,
-                        settings=BackendSettings(threads=1 if args.threads is None else args.threads)) as seg:
+    bundle, status = _verified(args)
+    artifact, fmt, settings = screen_choices(args, lambda: bundle)  # --device / --device-config pick here
+    with load_segmenter(bundle, artifact=artifact, fmt=fmt, precision=args.precision, settings=settings) as seg:
         results = []
         for s in sources:  # --jsonl: each result as it is made
             results.append(seg.segment(s, out_dir).to_dict())
@@ -82,7 +108,8 @@ def cmd_screen_seg(args: argparse.Namespace) -> int:
     n_err = sum(not r["ok"] for r in results)
     summary = {"n": len(results), "segmented": sum(r.get("decision") == "segmented" for r in results),
                "ungradable": sum(r.get("decision") == "ungradable" for r in results), "errors": n_err}
-    payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary}
+    payload = {**ids, "task": "segmentation", "out_dir": str(out_dir), "results": results, "summary": summary,
+               "signature": status.to_dict()}
     lines = [head, *map(_screen_line, results), f"{summary['segmented']} segmented, {summary['ungradable']} "
              f"ungradable, {n_err} errors; masks and overlays in {out_dir}"]
     if getattr(args, "jsonl", False):
@@ -118,20 +145,22 @@ def cmd_check_seg(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
     from ..datasets.masks import read_masks_csv
     from ..gate.segmentation import SegmentationCriteria, evaluate, judge, report_md
+    from ..runtime.backends import installed_formats
     from .choices import backend_settings
 
     b = load_bundle(args.bundle)
     assert b.spec.dense is not None and b.spec.gate is not None
-    ids = args.artifacts or [a.id for a in b.artifacts]
+    here = installed_formats()  # by default, artifacts whose backend is not installed here are skipped (said)
+    ids = args.artifacts or [a.id for a in b.artifacts if a.format in here]
+    skipped = [f"{a.id}: not checked (no {a.format} backend installed here)" for a in b.artifacts
+               if not args.artifacts and a.format not in here]
     reference = b.spec.operating_point.locked_on or ids[0]
     if reference not in ids:
         ids = [reference, *ids]
-    onnx = [i for i in ids if b.artifact(i).format == "onnx"]
-    if len(onnx) != len(ids):
-        raise UsageError("check re-gates the ONNX artifacts of a segmentation bundle; give --artifacts of those")
     crit = {k: v for k, v in b.spec.gate.criteria.items() if k != "kind"}
-    evals = evaluate({i: b.path(b.artifact(i)) for i in ids}, read_masks_csv(args.val), b.spec.dense,
-                     backend_settings(args))
+    files: dict[str, Path | tuple[str, Path]] = {i: (b.artifact(i).format, b.path(b.artifact(i))) for i in ids}
+    evals = evaluate(files, read_masks_csv(args.val), b.spec.dense, backend_settings(args))
     gate = judge(evals, reference, b.operating_point.threshold, SegmentationCriteria(**crit))
-    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", **gate}, report_md(gate).strip())
+    emit(args, {"bundle_id": b.bundle_id, "task": "segmentation", **gate, "skipped": skipped},
+         "\n".join([report_md(gate).strip(), *skipped]))
     return 0 if gate["passed"] else 8

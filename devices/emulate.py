@@ -23,6 +23,7 @@ from ..runtime.backends import EXTRA_FOR_FORMAT, install_hint
 from .caps import CapPlan, WorkerRun, native_prefix, plan_caps, run_worker
 from .choice import runnable_formats
 from .parity import Parity, output_lsb, parity
+from .parity_seg import SegParity, seg_parity
 from .profile import BACKEND_FOR_FORMAT, DeviceProfile
 
 Log = Callable[[str], None]
@@ -75,7 +76,7 @@ class EmulateReport:
     fits: list[Fit] = field(default_factory=list)
     emulated: WorkerRun | None = None
     emulation: dict[str, Any] = field(default_factory=dict)
-    parities: list[Parity] = field(default_factory=list)
+    parities: list[Parity | SegParity] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -145,6 +146,9 @@ class EmulateReport:
                     cells.append("-")
                 elif r.get("error"):
                     cells.append(f"ERROR {r['error']['code']}")
+                elif "probability" not in r:  # segmentation: vessel density, or ungradable
+                    cells.append(f"{r['decision']:<10}" + (f" density {r['biomarkers']['density']:.4f}"
+                                                           if r.get("biomarkers") else ""))
                 else:
                     cells.append(f"{r['decision']:<9} p={r['probability']:.4f}")
             lines.append(f"{Path(src).name[:29]:<30}" + "".join(f"{c:<26}" for c in cells))
@@ -152,7 +156,7 @@ class EmulateReport:
             lines.append("\nparity x86_64 vs arm64 (emulated):")
             lines += ["  " + par.row() for par in self.parities]
             for par in self.parities:
-                lines += [f"    {par.artifact}: {f}" for f in par.compare.failures]
+                lines += [f"    {par.artifact}: {f}" for f in par.failures]
                 if not par.errors_agree:
                     lines.append(f"    {par.artifact}: different images failed on the two machines")
         lines.append(f"\nmemory (peak RSS measured in the x86_64 capped run) vs {p.name}:")
@@ -280,6 +284,12 @@ def run_emulate(cfg: EmulateConfig, log: Log | None = None) -> EmulateReport:
                 notes.append(f"{aid}: no parity (the capped native run did not finish)")
                 continue
             art = bundle.artifact(aid)
+            if bundle.spec.task == "segmentation":
+                report.parities.append(seg_parity(aid, art.precision, nat.outputs, emu.outputs,
+                                                  nat.result["artifacts"][aid]["results"] if nat.result else [],
+                                                  (emu.result or {})["artifacts"][aid]["results"],
+                                                  bundle.operating_point.threshold))
+                continue
             report.parities.append(parity(
                 aid, art.precision, nat.outputs[aid], emu.outputs[aid],
                 nat.result["artifacts"][aid]["results"] if nat.result else [],

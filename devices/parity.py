@@ -84,6 +84,10 @@ class Parity:
     def passed(self) -> bool:
         return bool(self)
 
+    @property
+    def failures(self) -> tuple[str, ...]:
+        return self.compare.failures
+
     def to_dict(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "precision": self.precision, "passed": self.passed, "rule": self.rule,
                 "lsb": self.lsb, "max_lsb": self.max_lsb, "inputs_identical": self.inputs_identical, "n": self.n,

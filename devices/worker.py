@@ -3,10 +3,12 @@
 Runs the same way natively (under resource caps) and as an arm64 process under QEMU, so it only uses the
 standard library before the caps are in place, and the runtime after (numpy, pillow, one backend; never
 torch or onnx). Usage: ``python -m fundus_edge.devices.worker REQUEST.json``; it writes ``result.json`` and
-``outputs.npz`` (one (N, C) float32 array of model outputs per artifact, NaN rows for images that failed)
+``outputs.npz`` (one (N, C) float32 array of model outputs per artifact, NaN rows for images that failed;
+for a segmentation bundle one working-resolution probability map per artifact and photo, devices/worker_seg.py)
 into the request's ``out_dir``.
 
-Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``, and
+Request fields: ``bundle``, ``artifacts`` (ids), ``images``, ``threads``, ``providers``, ``out_dir``,
+``quality`` (false: no image-quality check, every decoded image is inferred, as the clinical gate scores it), and
 ``caps``: ``cores`` (CPU affinity), ``rlimit_as_bytes`` (RLIMIT_AS), ``cgroup_procs`` (a cgroup v1
 ``cgroup.procs`` file to join before anything big is allocated).
 """
@@ -69,16 +71,14 @@ def _recording_backend(inner: Any) -> Any:
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
-    """Screen every image with every requested artifact through the runtime's own Screener."""
+    """Screen (a segmentation bundle: segment) every image with every requested artifact through the runtime."""
     t_start = time.perf_counter()
     applied = apply_caps(request.get("caps") or {})
     import platform
-
-    import numpy as np
+    from dataclasses import replace
 
     from ..bundle.read import load_bundle
-    from ..runtime.backends import BackendSettings, create_backend
-    from ..runtime.screen import Screener
+    from ..runtime.backends import BackendSettings
 
     out_dir = Path(request["out_dir"])
     bundle = load_bundle(request["bundle"], verify=bool(request.get("verify", True)))
@@ -86,15 +86,40 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     images = [str(p) for p in request["images"]]
     result: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
                               "caps": applied, "versions": _versions(), "artifacts": {}}
+    # quality false: no image-quality check, every decoded image is inferred (as the clinical gate scores it)
+    quality = None if request.get("quality", True) else replace(bundle.quality, enabled=False)
+    if bundle.spec.task == "segmentation":
+        from .worker_seg import run_segmentation
+
+        result["artifacts"] = run_segmentation(bundle, request["artifacts"], images, settings, out_dir, quality)
+    else:
+        result["artifacts"] = _run_classification(bundle, request["artifacts"], images, settings, out_dir,
+                                                  quality)
+    from .caps import vm_hwm_kb
+
+    result["vm_hwm_kb"] = vm_hwm_kb()
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _run_classification(bundle: Any, artifacts: list[str], images: list[str], settings: Any, out_dir: Path,
+                        quality: Any = None) -> dict[str, Any]:
+    """Screen every image with every artifact through the runtime's Screener; (N, C) outputs to outputs.npz."""
+    import numpy as np
+
+    from ..runtime.backends import create_backend
+    from ..runtime.screen import Screener
+
+    per_artifact: dict[str, Any] = {}
     outputs: dict[str, Any] = {}
     n_out = len(bundle.class_names)
-    for aid in request["artifacts"]:
+    for aid in artifacts:
         art = bundle.artifact(aid)
         backend = _recording_backend(create_backend(art.format, bundle.path(art), settings,
                                                     bundle.read_artifact(art)))
         backend.activate()
         rows, per_image = [], []
-        with Screener(bundle, art, backend) as screener:
+        with Screener(bundle, art, backend, quality) as screener:
             for src in images:
                 before = len(backend.outputs)
                 r = screener.screen(src)
@@ -106,15 +131,11 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                     rows.append(np.full((n_out,), np.nan, np.float32))
                 per_image.append(d)
         outputs[aid] = np.stack(rows) if rows else np.zeros((0, n_out), np.float32)
-        result["artifacts"][aid] = {"backend": backend.name, "format": art.format, "precision": art.precision,
-                                    "providers": backend.providers, "load_ms": backend.timings.load_ms,
-                                    "results": per_image}
+        per_artifact[aid] = {"backend": backend.name, "format": art.format, "precision": art.precision,
+                             "providers": backend.providers, "load_ms": backend.timings.load_ms,
+                             "results": per_image}
     np.savez(out_dir / "outputs.npz", **outputs)
-    from .caps import vm_hwm_kb
-
-    result["vm_hwm_kb"] = vm_hwm_kb()
-    result["wall_s"] = time.perf_counter() - t_start
-    return result
+    return per_artifact
 
 
 def _versions() -> dict[str, str]:

@@ -18,6 +18,9 @@ from typing import Any
 from ..errors import OutputContractError, UsageError
 
 TASKS = ("classification", "segmentation")
+# Names the kit gives the input and output of the ONNX files it exports (a brought ONNX file keeps its own).
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
 LAYOUTS = ("NCHW", "NHWC")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, MissingDependencyError
+from .contract import INPUT_NAME, OUTPUT_NAME
 from .load import ExportedProgramModule
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 EXPORTERS = ("dynamo", "legacy")
 
 

@@ -74,14 +74,15 @@ def _captured_output() -> Iterator[Any]:
 
 
 def export_tflite(module: nn.Module, out: Path, size: int, model_layout: str = "NCHW",
-                  layout: str = "NHWC") -> TfliteExport:
-    """Convert ``module`` (eval mode; input ``model_layout``) to a .tflite file whose input is ``layout``."""
+                  layout: str = "NHWC", channels: int = 3) -> TfliteExport:
+    """Convert ``module`` (eval mode; input ``model_layout``, ``channels`` input channels) to a .tflite file
+    whose input is ``layout`` at a fixed ``size`` x ``size`` (a dense model: its tile)."""
     if layout not in LAYOUTS or model_layout not in LAYOUTS:
         raise UsageError(f"TFLite layouts are {LAYOUTS}; got {layout!r} for a {model_layout!r} model")
     if model_layout == "NHWC" and layout == "NCHW":
         raise UsageError("the model takes NHWC input; a channels-first TFLite file of it is not supported "
                          "(use --tflite-layout NHWC)")
-    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    shape = (1, channels, size, size) if layout == "NCHW" else (1, size, size, channels)
     example = torch.zeros(shape, dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ masks (at the working resolution) and the change of each biomarker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,26 +67,32 @@ def pixel_metrics(pos: np.ndarray, neg: np.ndarray, threshold: float | None = No
             "threshold": i / BINS, "pixels": npos + nneg, "vessel_fraction": npos / (npos + nneg)}
 
 
-def evaluate(artifacts: dict[str, Path], images: list[MaskedImage], dense: DensePreprocessSpec,
-             settings: BackendSettings | None = None) -> dict[str, ArtifactEval]:
-    """Run every photo through every artifact (ONNX files, by the runtime's onnxruntime backend)."""
+def evaluate(artifacts: dict[str, Path | tuple[str, Path]], images: Sequence[MaskedImage | str | Path],
+             dense: DensePreprocessSpec, settings: BackendSettings | None = None) -> dict[str, ArtifactEval]:
+    """Run every photo through every artifact by the runtime's backends (a bare path: an ONNX file; else
+    (format, path)). Photos given without an expert mask (a bare path) add to the maps, not to the histograms."""
     import time
 
-    backends = {k: create_backend("onnx", p, settings) for k, p in artifacts.items()}
+    backends = {k: create_backend(*(p if isinstance(p, tuple) else ("onnx", p)), settings)
+                for k, p in artifacts.items()}
     evals = {k: ArtifactEval() for k in artifacts}
     try:
         for b in backends.values():
             b.activate()
         for img in images:
-            d = prepare(img.image, dense)
-            fov = _mask(img.fov, d.geometry.original_size) if img.fov else d.geometry.original_fov_mask()
-            gt = _mask(img.mask, d.geometry.original_size)
+            src, gt_path, fov_path = (img.image, img.mask, img.fov) if isinstance(img, MaskedImage) \
+                else (Path(img), None, None)
+            d = prepare(src, dense)
+            fov = _mask(fov_path, d.geometry.original_size) if fov_path else d.geometry.original_fov_mask()
+            gt = _mask(gt_path, d.geometry.original_size) if gt_path else None
             for k, b in backends.items():
                 t0 = time.perf_counter()
                 work = vessel_probabilities(b, d, dense)
                 evals[k].seconds += time.perf_counter() - t0
                 evals[k].maps.append(np.where(d.fov_mask, work, 0).astype(np.float16))
                 evals[k].fovs.append(d.fov_mask)
+                if gt is None:
+                    continue
                 prob = to_original(work, d.geometry)
                 bins = np.minimum((prob * BINS).astype(np.int64), BINS - 1)
                 evals[k].pos += np.bincount(bins[fov & gt], minlength=BINS)

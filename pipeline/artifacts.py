@@ -48,6 +48,7 @@ class QuantRequest:
     calibration: np.ndarray
     gating: GateSpec  # how the accuracy-aware fallback gates its candidates (val_inputs in the file's layout)
     progress: Progress
+    input_name: str = "input"  # the fp32 file's input name (export/contract.py INPUT_NAME, or a brought file's)
 
 
 @dataclass

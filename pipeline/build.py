@@ -14,31 +14,22 @@ import os
 import shutil
 from typing import Any
 
-from ..errors import MissingDependencyError, UsageError
+from ..errors import UsageError
 from ..runtime.backends import BackendSettings
 from .build_gate import build_gate_stage
 from .bundle_stage import Built, make_report, producer_versions, write_bundle_stage
 from .config import FORMATS, BuildConfig, BuildResult
 from .formats import FormatSpec, build_formats
+from .intake import ModelStage, model_stage
 from .progress import Log, Progress, stderr_log
-from .stages import (
-    built_artifacts,
-    export_stage,
-    load_model_stage,
-    lock_reference,
-    prepare_data_stage,
-    quantize_stage,
-)
+from .stages import built_artifacts, lock_reference, prepare_data_stage, quantize_stage
 
 
-def _check_request(cfg: BuildConfig) -> tuple[list[FormatSpec], Any]:
-    """Everything that can be checked before any work: formats, inputs, output folder, device, signing key.
-    Returns the formats to build and the loaded signing key (or None)."""
-    try:
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("torch", "export", "Building a bundle") from exc
-    formats = build_formats(cfg)
+def _check_request(cfg: BuildConfig, stage: ModelStage) -> tuple[list[FormatSpec], Any]:
+    """Everything that can be checked before any work: the model stage's needs, formats, inputs, output folder,
+    device, signing key. Returns the formats to build and the loaded signing key (or None)."""
+    stage.check(cfg)
+    formats = build_formats(cfg, stage.reference_format)
     out = cfg.out
     if cfg.calib is None or cfg.val is None:
         raise UsageError("build needs --calib (a folder of fundus images) and --val (a labels CSV)")
@@ -67,8 +58,9 @@ def n_stages(n_formats: int, int8: bool) -> int:
 
 def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     """Run the whole build. Raises :class:`GateFailedError` when the gate fails (unless allowed)."""
-    formats, signer = _check_request(cfg)
-    if cfg.task != "classification":
+    stage = model_stage(cfg.model)
+    formats, signer = _check_request(cfg, stage)
+    if cfg.task != "classification" and stage.kind == "pytorch":
         from .build_seg import route_task
 
         routed = route_task(cfg, signer, log)
@@ -76,7 +68,7 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
             return routed
     int8 = "int8" in cfg.precisions
     progress = Progress(log or stderr_log, n_stages(len(formats), int8))
-    model = load_model_stage(cfg, progress)
+    model = stage.load(cfg, progress)
     data = prepare_data_stage(cfg, model.spec, progress)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     staging = cfg.out.parent / f".{cfg.out.name}.staging-{os.getpid()}"
@@ -84,9 +76,9 @@ def run_build(cfg: BuildConfig, log: Log | None = None) -> BuildResult:
     staging.mkdir()
     try:
         settings = BackendSettings(threads=cfg.threads)
-        exported = [export_stage(f, cfg, model, data.parity_x, staging, progress) for f in formats]
+        exported = [stage.export(f, cfg, model, data.parity_x, staging, progress) for f in formats]
         reference = lock_reference(exported[0].artifact, staging, data, model, cfg, settings)
-        quantized = [quantize_stage(e, reference, data, model.spec.layout, cfg, staging, progress)
+        quantized = [quantize_stage(e, reference, data, model.spec.layout, cfg, staging, progress, model.input_name)
                      for e in exported] if int8 else []
         gate = build_gate_stage(built_artifacts(exported, quantized), staging,
                                 data.gate_data(model.spec.layout, model.positive), reference, quantized, settings,

@@ -3,7 +3,8 @@ PyTorch on real tiles) -> int8 QDQ calibrated on real photos' tiles, its output 
 measured too, for the report) -> the segmentation gate (gate/segmentation.py) on the shipped files through the
 runtime -> bundle (task "segmentation", the dense preprocessing in the manifest).
 
-ONNX only: TFLite is not built for segmentation yet (the build says so when asked for it).
+With ``tflite`` in the formats, a fixed-size TFLite fp32 + int8 pair too (pipeline/build_seg_tflite.py), gated
+the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..datasets.labels import list_images
 from ..datasets.masks import MaskedImage, read_masks_csv
 from ..errors import ExportError, UsageError
 from ..export.contract import OutputContract
+from ..gate.plots_seg import roc_from_histograms
 from ..gate.segmentation import SegmentationCriteria, evaluate, judge
 from ..runtime.backends import BackendSettings
 from ..runtime.dense import DensePreprocessSpec, prepare
@@ -53,6 +55,7 @@ class SegBuild:
     quantization: dict[str, Any]
     gate: dict[str, Any]
     threshold_rule: str
+    no_tflite: str | None = None  # why no TFLite files were built (None: they were)
 
 
 def _tiles(paths: list[Path], dense: DensePreprocessSpec, limit: int, seed: int) -> np.ndarray:
@@ -186,14 +189,16 @@ def prepare_stage(cfg: BuildConfig, dense: DensePreprocessSpec, progress: Progre
 def run_segmentation_build(cfg: BuildConfig, loaded: Any, contract: OutputContract, log: Log | None = None,
                            signer: Any = None) -> BuildResult:
     """Run the segmentation build on a loaded model whose output fits the segmentation contract."""
+    from .build_seg_tflite import tflite_stage, why_not
     from .bundle_seg import write_seg_bundle
 
-    progress = Progress(log or stderr_log, 5)
-    if "tflite" in cfg.formats:
-        progress.say("note: TFLite is not built for segmentation yet; building ONNX only")
     meta = loaded.meta
     m = SegModel(loaded.module, loaded.source, loaded.arch or meta.get("arch"), meta, _dense_spec(cfg, meta),
                  contract)
+    no_tflite = why_not(m) if "tflite" in cfg.formats else "not asked for (--formats)"
+    progress = Progress(log or stderr_log, 5 if no_tflite else 6)
+    if no_tflite and "tflite" in cfg.formats:
+        progress.say(f"note: TFLite not built: {no_tflite}")
     val, calib, parity, selection = prepare_stage(cfg, m.dense, progress)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     staging = cfg.out.parent / f".{cfg.out.name}.staging-{os.getpid()}"
@@ -202,20 +207,25 @@ def run_segmentation_build(cfg: BuildConfig, loaded: Any, contract: OutputContra
     try:
         fp32, export_info = export_and_check(m, staging, parity, cfg, progress)
         quant = quantize_stage(fp32, staging, calib, cfg, progress) if "int8" in cfg.precisions else {}
-        progress.stage(f"segmentation gate on {len(val)} photos through the runtime (onnxruntime)")
-        files = {"onnx-fp32": fp32, **{k: p for k, (p, _) in quant.items()}}
+        tfl = {} if no_tflite else tflite_stage(m, staging, calib, parity, cfg, progress)
+        progress.stage(f"segmentation gate on {len(val)} photos through the runtime")
+        files: dict[str, Path | tuple[str, Path]] = {"onnx-fp32": fp32, **{k: p for k, (p, _) in quant.items()},
+                                                     **{k: ("tflite", p) for k, (p, _) in tfl.items()}}
         evals = evaluate(files, val, m.dense, BackendSettings(threads=cfg.threads))
         meta_t = meta.get("threshold")
         rule = "the model's threshold" if meta_t is not None else "max F1 on the validation photos"
         crit = cfg.seg_criteria or SegmentationCriteria()
         gate = judge(evals, "onnx-fp32", float(meta_t) if meta_t is not None else None, crit,
                      measured_only=MEASURED_ONLY)
+        gate["roc"] = {k: roc_from_histograms(e.pos, e.neg) for k, e in evals.items()}  # the report's figure
         for g in gate["gates"]:
             progress.say(f"{g['artifact']}: AUC {g['auc']:.4f} (Δ {g['delta_auc']:+.4f}), F1 {g['f1']:.4f} "
                          f"(Δ {g['delta_f1']:+.4f}), min mask Dice {g['min_mask_dice']:.4f} -> "
                          f"{'PASS' if g['passed'] else 'FAIL'}")
-        b = SegBuild(cfg, m, val, selection, {"onnx-fp32": export_info},
-                     {k: info for k, (_, info) in quant.items()}, gate, rule)
+        b = SegBuild(cfg, m, val, selection, {"onnx-fp32": export_info, **{k: i for k, (_, i) in tfl.items()
+                                                                            if k == "tflite-fp32"}},
+                     {k: info for k, (_, info) in [*quant.items(), *tfl.items()] if k != "tflite-fp32"}, gate, rule,
+                     no_tflite)
         return write_seg_bundle(b, staging, progress, signer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -225,12 +235,11 @@ def route_task(cfg: BuildConfig, signer: Any, log: Log | None) -> BuildResult | 
     """``--task segmentation|auto``: load and probe the model; build it here when it is a segmentation model,
     return None for a classifier (the classification build goes on). Raises :class:`OutputContractError`."""
     from ..export.load import load_model
-    from ..runtime.preprocess import PreprocessSpec
+    from .stages import preprocessing_for
     from .task import resolve_task
 
     loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
-    spec = cfg.preprocessing or (PreprocessSpec.from_dict(loaded.meta["preprocessing"])
-                                 if "preprocessing" in loaded.meta else PreprocessSpec())
+    spec = preprocessing_for(cfg, loaded.meta)
     task, contract, _ = resolve_task(loaded.module, cfg.task, loaded.meta, spec.size, spec.layout)
     if task != "segmentation":
         return None

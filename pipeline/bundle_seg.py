@@ -35,7 +35,8 @@ from .progress import Progress
 if TYPE_CHECKING:
     from .build_seg import SegBuild
 
-SHIPPED = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx"}
+SHIPPED = {"onnx-fp32": "model.fp32.onnx", "onnx-int8": "model.int8.onnx", "tflite-fp32": "model.fp32.tflite",
+           "tflite-int8": "model.int8.tflite"}
 
 
 def make_seg_report(b: SegBuild) -> dict[str, Any]:
@@ -53,18 +54,41 @@ def make_seg_report(b: SegBuild) -> dict[str, Any]:
                                 "locked_on": gate["reference"]},
             "reference": {k: ref[k] for k in ("auc", "f1", "sensitivity", "specificity", "pixels")},
             "segmentation_gate": gate, "gates": gate["gates"], "gate_passed": gate["passed"],
-            "formats_not_built": {"tflite": "not built for segmentation yet"}, "producer": producer_versions()}
+            "formats_not_built": {"tflite": b.no_tflite} if b.no_tflite else {}, "producer": producer_versions()}
+
+
+def _figures(folder: Path, report: dict[str, Any]) -> tuple[list[Path], str]:
+    """figures/seg-*.png (pixel ROC, per-photo mask Dice and biomarker change; their numbers go to
+    ``report["figures"]``) and the markdown that shows them; none when matplotlib is not installed."""
+    import importlib.util
+
+    from ..gate.plots_seg import render_seg_pngs, seg_figure_data
+
+    gate = report["segmentation_gate"]
+    if importlib.util.find_spec("matplotlib") is None or "roc" not in gate:
+        return [], ""
+    report["figures"] = seg_figure_data(gate, gate["roc"])
+    (folder / "figures").mkdir(exist_ok=True)
+    paths = []
+    for name, data in render_seg_pngs(report["figures"]).items():
+        paths.append(folder / "figures" / f"{name}.png")
+        paths[-1].write_bytes(data)
+    report["figure_files"] = [str(p.relative_to(folder)) for p in paths]
+    return paths, "\n## Figures\n\n" + "\n".join(f"![{p.stem}](figures/{p.name})" for p in paths) + "\n"
 
 
 def write_seg_reports(folder: Path, report: dict[str, Any]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
+    figures, figures_md = _figures(folder, report)
     rj, rm = folder / "report.json", folder / "report.md"
     rj.write_text(json.dumps(report, indent=2, default=float) + "\n")
     op = report["operating_point"]
+    why = report.get("formats_not_built", {}).get("tflite")
     head = (f"# Segmentation build report\n\nModel {report['model']['source']} ({report['model']['arch']}); "
-            f"threshold {op['threshold']:.4f} ({op['rule']}). TFLite: not built for segmentation yet.\n\n")
-    rm.write_text(head + report_md(report["segmentation_gate"]))
-    return [rj, rm]
+            f"threshold {op['threshold']:.4f} ({op['rule']})." + (f" TFLite: not built ({why})." if why else "")
+            + "\n\n")
+    rm.write_text(head + report_md(report["segmentation_gate"]) + figures_md)
+    return [rj, rm, *figures]
 
 
 def _gate_entry(g: dict[str, Any], min_dice: float) -> GateEntry:
@@ -81,8 +105,9 @@ def seg_manifest(b: SegBuild, staging: Path, report_files: list[Path]) -> tuple[
     gate, m, cfg = b.gate, b.model, b.cfg
     shipped = {k: v for k, v in SHIPPED.items() if (staging / v).is_file()}
     by_id = {g["artifact"]: g for g in gate["gates"]}
-    artifacts = [Artifact(id=k, path=p, format="onnx", precision="int8" if "int8" in k else "fp32", layout="NCHW",
-                          io_dtype="float32", sha256=sha256_file(staging / p),
+    artifacts = [Artifact(id=k, path=p, format="tflite" if k.startswith("tflite") else "onnx",
+                          precision="int8" if "int8" in k else "fp32", layout="NCHW", io_dtype="float32",
+                          sha256=sha256_file(staging / p),
                           gate={k2: v for k2, v in by_id[k].items() if k2 != "failures"} if k in by_id else None)
                  for k, p in shipped.items()]
     digest = hashlib.sha256(b"".join(bytes.fromhex(a.sha256 or "") for a in artifacts)).hexdigest()[:12]

@@ -118,6 +118,8 @@ def make_report(b: Built) -> dict[str, Any]:
     val, val_in = b.data.val, b.data.val_in
     report: dict[str, Any] = {
         "name": b.name,
+        "model": {"source": b.model.source, "source_format": b.model.kind,
+                  "source_sha256": (b.model.source_file or {}).get("sha256")},
         "gate_passed": o.passed,
         "verdict": o.verdict,
         "allow_failed_gate": cfg.allow_failed_gate,
@@ -195,8 +197,6 @@ def default_artifact(b: Built, progress: Progress) -> tuple[str, dict[str, Any] 
 def build_manifest(b: Built, staging: Path, report_files: list[Path], default: str,
                    device_entry: dict[str, Any] | None) -> tuple[Manifest, list[str]]:
     """The typed manifest and the files it covers (``write_manifest`` fills in each file's checksum)."""
-    from ..export.onnx import INPUT_NAME
-
     o, cfg, m, spec = b.gate.outcome, b.cfg, b.model, b.model.spec
     artifacts = [Artifact.from_dict({**a.entry(), "gate": b.artifact_gate(a.id),
                                      "sha256": sha256_file(staging / a.path)}) for a in b.artifacts]
@@ -211,9 +211,10 @@ def build_manifest(b: Built, staging: Path, report_files: list[Path], default: s
         bundle_id=f"{b.name}-{digest.hexdigest()[:12]}", name=b.name,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         model=ManifestModel(source=m.source, arch=m.arch, num_outputs=m.n_out,
-                        referable_rule=f"grade >= {cfg.referable_from}", training=m.meta.get("training")),
-        input=TensorSpec(name=INPUT_NAME, shape=("batch", *chw), dtype="float32", layout=cast(Any, spec.layout)),
-        output=OutputSpec(name="logits", shape=("batch", m.n_out), dtype="float32", meaning=ClassificationMeaning(
+                            referable_rule=f"grade >= {cfg.referable_from}", training=m.meta.get("training"),
+                            source_format=cast(Any, m.kind), source_sha256=(m.source_file or {}).get("sha256")),
+        input=TensorSpec(name=m.input_name, shape=("batch", *chw), dtype="float32", layout=cast(Any, spec.layout)),
+        output=OutputSpec(name=m.output_name, shape=("batch", m.n_out), dtype="float32", meaning=ClassificationMeaning(
             kind="logits", activation="sigmoid" if m.n_out == 1 else "softmax",
             class_names=tuple(m.class_names), positive_classes=tuple(m.positive))),
         preprocessing=spec,

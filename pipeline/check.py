@@ -8,8 +8,9 @@ the text for people is ``cli/check_format.py``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from ..gate.gate import FAIL, INSUFFICIENT, PASS, Evaluation, GateCriteria, Gate
 from ..gate.stage import GateArtifact, GateData, QualityInputs, Scored, gate_scores, score_artifacts
 from ..quantization.calibration import prepare_inputs
 from ..runtime.backends import BackendSettings
+
+if TYPE_CHECKING:
+    from ..quantization.stability import Stability, StabilityConfig
+    from .device_gate import DeviceGate, DeviceGateConfig
 
 
 @dataclass
@@ -42,13 +47,16 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     quality: dict[str, Any] | None = None
     drift: list[DriftFinding] = field(default_factory=list)  # operating point at the locked threshold vs targets
+    device: DeviceGate | None = None  # the gate on the device's own kernels (``check --device``)
+    stability: Stability | None = None  # the int8 file re-quantized on K calibration subsets (``--stability``)
 
     @property
     def verdict(self) -> str:
-        """PASS | FAIL | INSUFFICIENT EVIDENCE over the int8-vs-fp32 gates (FAIL too when nothing could be gated)."""
-        if not self.passed and not any(g.verdict != PASS for g in self.gates):
+        """PASS | FAIL | INSUFFICIENT EVIDENCE over the int8-vs-fp32 gates, on this machine and (``--device``) on
+        the device's outputs (FAIL too when nothing could be gated)."""
+        verdicts = {g.verdict for g in self.gates} | ({self.device.verdict} if self.device else set())
+        if not self.passed and verdicts <= {PASS}:
             return FAIL
-        verdicts = {g.verdict for g in self.gates}
         return FAIL if FAIL in verdicts else (INSUFFICIENT if INSUFFICIENT in verdicts else PASS)
 
     @property
@@ -60,7 +68,9 @@ class CheckResult:
                 "verdict": self.verdict, "drift": [d.to_dict() for d in self.drift], "drifted": self.drifted,
                 "evaluations": {k: e.to_dict() for k, e in self.evaluations.items()},
                 "gates": [g.to_dict() for g in self.gates], "reference": self.reference, "skipped": self.skipped,
-                "note": self.note, "problems": self.problems, "quality": self.quality}
+                "note": self.note, "problems": self.problems, "quality": self.quality,
+                "device": self.device.to_dict() if self.device else None,
+                "stability": self.stability.to_dict() if self.stability else None}
 
 
 def _gate_artifact(b: Bundle, art: Artifact) -> GateArtifact:
@@ -86,7 +96,11 @@ def _choose_reference(b: Bundle, scored: Scored, ref_id: str) -> tuple[str, bool
 
 def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[str],
               val_images: str | os.PathLike[str] | None = None, settings: BackendSettings | None = None,
-              referable_from: int = 2, artifacts: list[str] | None = None) -> CheckResult:
+              referable_from: int = 2, artifacts: list[str] | None = None,
+              device: DeviceGateConfig | None = None, log: Callable[[str], None] | None = None,
+              stability: StabilityConfig | None = None) -> CheckResult:
+    """``device``: also gate the int8 files on the outputs of that device's kernels (emulated; slow).
+    ``stability``: also re-quantize the ONNX int8 file on K calibration subsets and report the spread."""
     b = load_bundle(bundle_path)
     crit_d = b.manifest.get("gate", {}).get("criteria", {})
     criteria = GateCriteria(**{k: v for k, v in crit_d.items() if k in GateCriteria.__dataclass_fields__})
@@ -113,8 +127,26 @@ def run_check(bundle_path: str | os.PathLike[str], val_csv: str | os.PathLike[st
     op = b.operating_point
     goal = targets(op.rule, op.sensitivity, op.specificity)
     drift = [d for k, s in scored.scores.items() for d in operating_point_drift(k, y, s, op.threshold, goal)]
+    on_device = stable = None
+    if (device or stability) and not relative:
+        from ..errors import UsageError
+
+        raise UsageError(f"--device and --stability need the fp32 reference ({note or 'none in the bundle'})")
+    if stability is not None:
+        from ..quantization.stability import calibration_stability
+
+        stable = calibration_stability(b, data, scored.scores[reference], outcome.threshold, criteria, stability,
+                                       reference, settings, log)
+        stable.shipped = next((g.to_dict() for g in outcome.gates if g.artifact == stable.artifact), {})
+    if device is not None:
+        from .device_gate import device_gate
+
+        fractions = {a.id: _gate_artifact(b, a).int8_mac_fraction for a in chosen}
+        on_device = device_gate(b, prepared.sources, data, scored.scores, reference, outcome.threshold, criteria,
+                                list(scored.scores), device, settings, fractions, log)
     return CheckResult(b.bundle_id, str(val_csv), len(y), int(y.sum()), outcome.threshold, b.operating_point.rule,
-                       outcome.passed and not unrunnable, reference, relative, outcome.evaluations, outcome.gates,
+                       outcome.passed and not unrunnable and (on_device is None or on_device.passed),
+                       reference, relative, outcome.evaluations, outcome.gates,
                        scored.skipped, note,
                        val.problems + [f"{s['source']}: {s['message']}" for s in prepared.skipped], outcome.quality,
-                       drift)
+                       drift, on_device, stable)

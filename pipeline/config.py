@@ -36,6 +36,9 @@ class BuildConfig:
     positive_classes: list[int] | None = None
     referable_from: int = 2
     preprocessing: PreprocessSpec | None = None
+    # PreprocessSpec fields set on the command line (--input-size, --mean, --std ...), applied on top of the
+    # checkpoint's recorded preprocessing; for a brought .onnx/.tflite file they define it (with its input layout)
+    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
     calib_size: int = 128
     calib_seed: int = 0
     exporter: str = "dynamo"

@@ -30,7 +30,6 @@ def quantize_title(cfg: BuildConfig, n_calibration: int) -> str:
 
 
 def quantize(req: QuantRequest) -> QuantizedFile:
-    from ..export.onnx import INPUT_NAME
     from ..quantization.debug import layer_errors
     from ..quantization.fallback import accuracy_aware_quantize
     from ..quantization.quantize_onnx import (
@@ -40,18 +39,18 @@ def quantize(req: QuantRequest) -> QuantizedFile:
         quantize_onnx,
     )
 
-    cfg = req.cfg
+    cfg, input_name = req.cfg, req.input_name
     pre = preprocess_for_quantization(req.fp32, req.staging / "pre.onnx")
     qcfg = OnnxQuantConfig(calibrator=cfg.calibrator, nodes_to_exclude=tuple(cfg.exclude_nodes))
     fb = None
     if cfg.fallback:
-        fb = accuracy_aware_quantize(req.fp32, pre, req.out, req.calibration, req.gating, INPUT_NAME, qcfg,
+        fb = accuracy_aware_quantize(req.fp32, pre, req.out, req.calibration, req.gating, input_name, qcfg,
                                      cfg.fallback_budget, log=req.progress.log)
         q = cast(OnnxQuantResult, fb.quant)  # what the ONNX target writes
     else:
-        q = quantize_onnx(req.fp32, req.out, req.calibration, INPUT_NAME, qcfg,
+        q = quantize_onnx(req.fp32, req.out, req.calibration, input_name, qcfg,
                           cache_path=req.staging / "calibration.json", preprocessed=pre)
-    layers = ([e.to_dict() for e in layer_errors(pre, req.out, req.calibration, INPUT_NAME)]
+    layers = ([e.to_dict() for e in layer_errors(pre, req.out, req.calibration, input_name)]
               if cfg.debug_layers else [])
     pre.unlink()
     (req.staging / "calibration.json").unlink(missing_ok=True)

@@ -12,8 +12,7 @@ from ..runtime.preprocess import PreprocessSpec
 from .artifacts import ExportedFile, QuantizedFile, QuantRequest
 from .config import BuildConfig
 
-REQUIRES = (("litert_torch", "litert-torch"), ("ai_edge_quantizer", "ai-edge-quantizer"),
-            ("ai_edge_litert", "ai-edge-litert"))
+REQUIRES = (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert"))
 
 
 def check_config(cfg: BuildConfig) -> None:
@@ -21,9 +20,16 @@ def check_config(cfg: BuildConfig) -> None:
         raise UsageError(f"--tflite-layout is NHWC or NCHW, got {cfg.tflite_layout!r}")
     if cfg.tflite_int8_io not in ("int8", "float32"):
         raise UsageError(f"--tflite-int8-io is int8 or float32, got {cfg.tflite_int8_io!r}")
-    for module, dist in REQUIRES:
+    from ..quantization.quantize_tflite import QUANTIZER_PACKAGES
+
+    brought = str(cfg.model).lower().endswith(".tflite")  # a brought .tflite file is the fp32 one: no exporter
+    for module, dist in REQUIRES[1:] if brought else REQUIRES:
         if importlib.util.find_spec(module) is None:
-            raise MissingDependencyError(dist, "export", "Building TFLite artifacts (--formats ...,tflite)")
+            raise MissingDependencyError(dist, "quantize-tflite" if brought else "export",
+                                         "Building TFLite artifacts (--formats ...,tflite)")
+    if "int8" in cfg.precisions and not any(importlib.util.find_spec(m) for m, _ in QUANTIZER_PACKAGES):
+        raise MissingDependencyError(QUANTIZER_PACKAGES[0][1], "quantize-tflite" if brought else "export",
+                                     "TFLite int8 quantization")
 
 
 def export(module: Any, path: Path, spec: PreprocessSpec, layout: str, cfg: BuildConfig) -> ExportedFile:

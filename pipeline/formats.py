@@ -57,14 +57,15 @@ REGISTRY: dict[str, FormatSpec] = {
 }
 
 
-def build_formats(cfg: BuildConfig) -> list[FormatSpec]:
-    """The formats a build makes, reference first; each one's own options checked. Raises :class:`UsageError`."""
+def build_formats(cfg: BuildConfig, reference: str = REFERENCE_FORMAT) -> list[FormatSpec]:
+    """The formats a build makes, reference first; each one's own options checked. Raises :class:`UsageError`.
+    ``reference``: the format whose fp32 file locks the operating point (a brought .tflite file's: tflite)."""
     names = cfg.formats
-    others = [n for n in REGISTRY if n != REFERENCE_FORMAT]
-    if (not names or names[0] != REFERENCE_FORMAT or len(set(names)) != len(names)
+    others = [n for n in REGISTRY if n != reference]
+    if (not names or names[0] != reference or len(set(names)) != len(names)
             or any(n not in REGISTRY for n in names)):
-        raise UsageError(f"--formats is {REFERENCE_FORMAT} (its fp32 file is the reference), optionally followed by "
-                         f"{' and '.join(others)}, comma-separated (e.g. {','.join(REGISTRY)}); got "
+        raise UsageError(f"--formats is {reference} (its fp32 file is the reference), optionally followed by "
+                         f"{' and '.join(others)}, comma-separated (e.g. {','.join([reference, *others])}); got "
                          f"{','.join(names) or 'nothing'}")
     specs = [REGISTRY[n] for n in names]
     for spec in specs:

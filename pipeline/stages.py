@@ -12,6 +12,7 @@ import numpy as np
 
 from ..datasets.labels import LabelledSet, list_images, read_labels
 from ..errors import UsageError
+from ..export.contract import INPUT_NAME, OUTPUT_NAME
 from ..gate.evidence import stratified_split
 from ..gate.metrics import lock_threshold
 from ..gate.stage import GateArtifact, GateData, QualityInputs, score_artifact
@@ -41,6 +42,10 @@ class ModelInfo:
     n_out: int
     class_names: list[str]
     positive: list[int]
+    kind: str = "pytorch"  # what the model came as: "pytorch", or a brought "onnx" / "tflite" file
+    input_name: str = INPUT_NAME  # the fp32 file's input and output (a brought ONNX file keeps its own)
+    output_name: str = OUTPUT_NAME
+    source_file: dict[str, Any] | None = None  # a brought file's facts: format, sha256, input, layout ...
 
 
 def _default_class_names(n_out: int) -> list[str]:
@@ -53,27 +58,41 @@ def _default_positive(n_out: int, referable_from: int) -> list[int]:
     return [0] if n_out == 1 else ([1] if n_out == 2 else list(range(referable_from, n_out)))
 
 
-def load_model_stage(cfg: BuildConfig, progress: Progress) -> ModelInfo:
-    from ..export.load import load_model
-    from ..export.validate import torch_outputs
-
-    progress.stage(f"loading model {cfg.model}")
-    loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
-    meta = loaded.meta
+def preprocessing_for(cfg: BuildConfig, meta: dict[str, Any]) -> PreprocessSpec:
+    """The build's preprocessing: ``cfg.preprocessing``, else the checkpoint's recorded one, else the defaults;
+    then the command line's preprocessing flags (``cfg.preprocess_overrides``) on top."""
     spec = cfg.preprocessing or (PreprocessSpec.from_dict(meta["preprocessing"]) if "preprocessing" in meta
                                  else PreprocessSpec())
-    num_classes = loaded.num_classes or int(meta.get("num_classes", 0)) or None
-    probe_shape = (1, 3, spec.size, spec.size) if spec.layout == "NCHW" else (1, spec.size, spec.size, 3)
-    from ..export.contract import check_output
+    return replace(spec, **cfg.preprocess_overrides) if cfg.preprocess_overrides else spec
 
-    probed = torch_outputs(loaded.module, np.zeros(probe_shape, np.float32))
-    n_out = check_output(probed.shape, "classification", probe_shape, spec.layout).num_outputs
+
+def classes_for(cfg: BuildConfig, meta: dict[str, Any], n_out: int, num_classes: int | None
+                ) -> tuple[list[str], list[int]]:
+    """Class names and referable classes: the flags, else the checkpoint's, else defaults for ``n_out``."""
     if num_classes and num_classes != n_out:
         raise UsageError(f"--num-classes {num_classes} but the model outputs {n_out} values")
     class_names = cfg.class_names or meta.get("class_names") or _default_class_names(n_out)
     positive = cfg.positive_classes or meta.get("positive_classes") or _default_positive(n_out, cfg.referable_from)
     if len(class_names) != n_out:
         raise UsageError(f"{len(class_names)} class names for a model with {n_out} outputs")
+    return list(class_names), list(positive)
+
+
+def load_model_stage(cfg: BuildConfig, progress: Progress) -> ModelInfo:
+    """The PyTorch model stage: load the module, probe its output, check the classification contract."""
+    from ..export.contract import check_output
+    from ..export.load import load_model
+    from ..export.validate import torch_outputs
+
+    progress.stage(f"loading model {cfg.model}")
+    loaded = load_model(cfg.model, cfg.arch, cfg.num_classes)
+    meta = loaded.meta
+    spec = preprocessing_for(cfg, meta)
+    num_classes = loaded.num_classes or int(meta.get("num_classes", 0)) or None
+    probe_shape = (1, 3, spec.size, spec.size) if spec.layout == "NCHW" else (1, spec.size, spec.size, 3)
+    probed = torch_outputs(loaded.module, np.zeros(probe_shape, np.float32))
+    n_out = check_output(probed.shape, "classification", probe_shape, spec.layout).num_outputs
+    class_names, positive = classes_for(cfg, meta, n_out, num_classes)
     progress.say(f"{loaded.source}: {n_out} outputs, referable classes {positive} ({progress.seconds()})")
     return ModelInfo(loaded.module, loaded.source, loaded.arch or meta.get("arch"), meta, spec, n_out, class_names,
                      positive)
@@ -200,7 +219,7 @@ def _fallback_lines(fb: FallbackResult, progress: Progress, detail: list[dict[st
 
 
 def quantize_stage(exported: Exported, ref: Reference, data: BuildData, model_layout: str, cfg: BuildConfig,
-                   staging: Path, progress: Progress) -> Quantized:
+                   staging: Path, progress: Progress, input_name: str = INPUT_NAME) -> Quantized:
     """int8 for the format of ``exported``, calibrated on the calibration images; with the accuracy-aware
     fallback (unless ``cfg.fallback`` is off), gated against the reference like the final gate."""
     fmt, fp32 = exported.fmt, exported.artifact
@@ -208,7 +227,7 @@ def quantize_stage(exported: Exported, ref: Reference, data: BuildData, model_la
     gating = replace(ref.gating, val_inputs=relayout(ref.gating.val_inputs, model_layout, fp32.layout))
     out = staging / fmt.file_name("int8")
     req = QuantRequest(cfg, staging / fp32.path, out, staging,
-                       relayout(data.calib_in.tensors, model_layout, fp32.layout), gating, progress)
+                       relayout(data.calib_in.tensors, model_layout, fp32.layout), gating, progress, input_name)
     q = fmt.quantize(req)
     summary: dict[str, Any] = {**q.result.to_dict(), "calibration_selection": data.calibration_selection,
                                "mostly_float": q.result.int8_mac_fraction < MOSTLY_FLOAT}

@@ -234,12 +234,25 @@ def _quiet_rank1_axis_warnings() -> Iterator[None]:
 _MAC_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 
 
+SYMBOLIC_SIDE = 256  # a dynamic height/width is counted at this size (MAC shares do not depend on it)
+
+
 def _graph_facts(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, list[int]]]:
-    """The shape-inferred graph, its producers by output name, initializers, and every value's shape (batch 1)."""
+    """The shape-inferred graph, its producers by output name, initializers, and every value's shape (batch 1;
+    a dynamic input side, as in a dense model's file, at :data:`SYMBOLIC_SIDE`: left symbolic, every
+    convolution would count as 1 x 1 pixels and the int8 MAC share would be the share of weights)."""
     import onnx
     from onnx import shape_inference
 
-    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_value <= 0:
+                d.dim_value = 1 if i == 0 else SYMBOLIC_SIDE
+    model = shape_inference.infer_shapes(model)
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}

@@ -178,17 +178,18 @@ def compute_measures(image: Image.Image, fov: FieldOfView, decoded_size: tuple[i
     resp = resp[sample[: resp.shape[0], : resp.shape[1]]]
     lower = np.partition(resp, resp.size // 2)[: resp.size // 2] if resp.size >= 2 else resp
     out["noise"] = float(lower.mean()) / (_LOWER_HALF_MEAN * 6.0) if lower.size else 0.0
-    out["sharpness"] = _sharpness(g, sample)
+    out["sharpness"], out["isotropy"] = _sharpness(g, sample)
     return out
 
 
-def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
-    """Re-blur sharpness (after Crete-Roffet et al. 2007), the least over four directions (motion blur).
+def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> tuple[float, float]:
+    """Re-blur sharpness (after Crete-Roffet et al. 2007), the least over four directions, and the isotropy
+    of the fine detail (motion blur).
 
-    On the strongest coarse-scale edges of a direction, how much of the fine-scale difference survives a
-    further blur: sharp edges lose much, blurred ones little. Noise does not survive to the coarse scale, so
-    it does not pick the edges; the ratio cancels contrast. Sampled at the centres (2i+1, 2j+1) of the
-    half-resolution pixels (i, j) of the field of view (``inner_h``).
+    Sharpness: on the strongest coarse-scale edges of a direction, how much of the fine-scale difference
+    survives a further blur: sharp edges lose much, blurred ones little. Noise does not survive to the coarse
+    scale, so it does not pick the edges; the ratio cancels contrast. Sampled at the centres (2i+1, 2j+1) of
+    the half-resolution pixels (i, j) of the field of view (``inner_h``). See :func:`_isotropy`.
     """
     h, w = g.shape
     m = 5  # the coarse image reaches 3 px, its 2-px difference 2 px further
@@ -197,7 +198,7 @@ def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
     keep = (py >= m) & (py < h - m) & (px >= m) & (px < w - m)
     py, px = py[keep], px[keep]
     if py.size < 64:
-        return 0.0
+        return 0.0, 0.0
     y0, y1, x0, x1 = int(py.min()) - m, int(py.max()) + m + 1, int(px.min()) - m, int(px.max()) + m + 1
     fine = _smooth121(g[y0:y1, x0:x1])  # sigma ~0.7 px; index i <-> position i + 1
     coarse = _smooth121(_smooth121(fine))  # sigma ~1.2 px; index i <-> position i + 3
@@ -206,6 +207,7 @@ def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
     at_c = (py - y0 - 3) * wc + (px - x0 - 3)
     ff, cf = fine.ravel(), coarse.ravel()
     here_f, here_c = ff[at_f], cf[at_c]
+    iso = _isotropy(fine[2:-2, 2:-2] - coarse, at_c, wc)
     best = 1.0
     for dy, dx in _DIRECTIONS:
         d_fine = np.abs(ff[at_f + (dy * wf + dx)] - here_f)
@@ -213,9 +215,29 @@ def _sharpness(g: np.ndarray, inner_h: np.ndarray) -> float:
         edges = d_coarse >= max(_kth(d_coarse[::4], 0.9), 0.5)  # an approximate top decile is enough
         total = float(d_fine[edges].sum())
         if total <= 0:
-            return 0.0
+            return 0.0, iso
         best = min(best, float(np.maximum(d_fine[edges] - d_coarse[edges], 0.0).sum()) / total)
-    return best
+    return best, iso
+
+
+def _isotropy(band: np.ndarray, at: np.ndarray, width: int) -> float:
+    """How evenly the fine detail runs in all directions: the ratio of the small to the large eigenvalue of the
+    structure tensor of the fine band (fine minus coarse image) over the field of view, 0..1.
+
+    A fundus photograph, sharp or soft, has fine detail (vessels, texture, sensor noise) in every direction:
+    close to 1 even when the whole picture is soft. Camera shake smears it along one direction: far below 1.
+    So a soft but steady camera is told apart from a shaken one by this measure, not by how sharp it is.
+    ``band`` is aligned with the coarse image (flat indices ``at``, row width ``width``).
+    """
+    b = band.ravel()
+    gx = b[at + 1] - b[at - 1]
+    gy = b[at + width] - b[at - width]
+    jxx, jyy, jxy = float(gx @ gx), float(gy @ gy), float(gx @ gy)
+    half_trace = 0.5 * (jxx + jyy)
+    if half_trace <= 0:
+        return 0.0
+    disc = math.sqrt(max(half_trace * half_trace - (jxx * jyy - jxy * jxy), 0.0))
+    return (half_trace - disc) / (half_trace + disc)
 
 
 def _dark_area(luma: np.ndarray, inner: np.ndarray, block: int) -> float:

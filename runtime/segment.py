@@ -95,6 +95,8 @@ class Segmenter:
         meaning = bundle.spec.output.meaning
         self.vessel_channel = int(meaning.positive_classes[0])
         self.threshold = float(getattr(meaning, "threshold", bundle.operating_point.threshold))
+        # the working-resolution probability map of the last photo segmented (parity checks read it)
+        self.last_probabilities: np.ndarray | None = None
 
     def __enter__(self) -> Segmenter:
         return self
@@ -102,10 +104,19 @@ class Segmenter:
     def __exit__(self, *exc: object) -> None:
         self.backend.deactivate()
 
-    def probabilities(self, source: str | os.PathLike[str] | bytes) -> tuple[np.ndarray, DenseInput]:
-        """Working-resolution probabilities and the prepared input; raises :class:`ImageError`."""
+    def probabilities(self, source: str | os.PathLike[str] | bytes, timings: dict[str, float] | None = None
+                      ) -> tuple[np.ndarray, DenseInput]:
+        """Working-resolution probabilities and the prepared input; raises :class:`ImageError`. ``timings``
+        gets the milliseconds of ``prepare`` (decode .. tiles), ``infer`` (all tiles) and ``stitch``."""
+        t0 = time.perf_counter()
         d = prepare(source, self.dense)
-        return vessel_probabilities(self.backend, d, self.dense, self.vessel_channel), d
+        t1 = time.perf_counter()
+        logits = infer_tiles(self.backend, d.tensors)
+        t2 = time.perf_counter()
+        prob = stitch_working(logits[:, self.vessel_channel], d.geometry, logits=True, overlap=self.dense.overlap)
+        if timings is not None:
+            timings.update(prepare=(t1 - t0) * 1e3, infer=(t2 - t1) * 1e3, stitch=(time.perf_counter() - t2) * 1e3)
+        return prob, d
 
     def _quality(self, source: str | os.PathLike[str] | bytes, result: SegmentationResult) -> bool:
         """The bundle's image-quality check (as for classification); False: ungradable, result final."""
@@ -127,11 +138,13 @@ class Segmenter:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         result = SegmentationResult(source=name, bundle_id=self.bundle.bundle_id, artifact=self.artifact.id,
                                     threshold=self.threshold)
+        self.last_probabilities = None
         try:
             if not self._quality(source, result):
                 return result
             t0 = time.perf_counter()
-            prob, d = self.probabilities(source)
+            prob, d = self.probabilities(source, result.timings_ms)
+            self.last_probabilities = prob
             t1 = time.perf_counter()
             work_mask = prob >= self.threshold
             result.biomarkers = vessel_biomarkers(work_mask, d.fov_mask).to_dict()
@@ -152,9 +165,12 @@ class Segmenter:
         out_dir.mkdir(parents=True, exist_ok=True)
         mask = to_original(prob, d.geometry) >= self.threshold
         mask_path, overlay_path = out_dir / f"{stem}.vessels.png", out_dir / f"{stem}.overlay.png"
-        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path, optimize=True)
+        # zlib levels chosen for a small device: measured on a 1752x1168 HRF photo, optimize=True for the mask and
+        # level 6 for the overlay took 0.5 s + 1.3 s of the 2.3 s per photo; these take 0.08 s + 0.35 s for files
+        # 16% and 24% larger
+        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
         photo, _ = decode(source, self.dense.decode_spec())
-        overlay_image(photo, mask).save(overlay_path)
+        overlay_image(photo, mask).save(overlay_path, compress_level=1)
         result.mask, result.overlay = str(mask_path), str(overlay_path)
 
 

@@ -182,3 +182,86 @@ def test_doctor_inside_the_emulated_pi_zero(emulation_root: Path) -> None:
     assert doc["detection"]["evidence"]["cpu_cores"] == ["Cortex-A53"]
     checks = {c["what"]: c for c in doc["checks"]}
     assert checks["onnxruntime"]["ok"] and checks["litert"]["ok"]
+
+
+def test_check_gates_the_emulated_pi4_outputs(built: Any, emulation_root: Path, synth_val: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`check --device rpi4` on 8 images: the gated int8 scores are the emulated worker's outputs, named as such."""
+    import onnxruntime
+
+    from fundus_edge.gate.gate import gate
+    from fundus_edge.pipeline import check as check_mod
+    from fundus_edge.pipeline import device_gate as dg
+    from fundus_edge.runtime.postprocess import referable_probability
+
+    runs: list[Any] = []
+    results: list[Any] = []
+    real_worker, real_check = dg.run_worker, check_mod.run_check
+    monkeypatch.setattr(dg, "run_worker", lambda *a, **k: runs.append(real_worker(*a, **k)) or runs[-1])
+    monkeypatch.setattr(check_mod, "run_check", lambda *a, **k: results.append(real_check(*a, **k)) or results[-1])
+    code = main(["check", "--bundle", str(built.out), "--val", str(synth_val), "--artifact", "onnx-int8",
+                 "--device", "rpi4", "--device-images", "8"])
+    text = capsys.readouterr().out
+    res = results[0]
+    assert code == {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(res.verdict, 8)
+    dev = res.device
+    assert dev is not None and len(runs) == 1 and runs[0].result["machine"] == "aarch64"
+    assert dev.emulated and dev.machine == "aarch64" and dev.cpu == "cortex-a72"
+    assert dev.versions["onnxruntime"] == onnxruntime.__version__
+    assert len(dev.images) == 8 == len(set(dev.indices))
+    y = res.evaluations["onnx-fp32"]  # the host's reference evaluation covers all images; the device a sample
+    assert y.n == 300 and dev.outcome.reference_eval.n == 8
+    labels = dev.outcome.gates[0].candidate_eval.confusion
+    assert labels["tp"] + labels["fn"] >= 1 and labels["tn"] + labels["fp"] >= 1  # both classes in the sample
+    # the scores the device gate used are the emulated worker's outputs, through the runtime's post-processing
+    emu = referable_probability(runs[0].outputs["onnx-int8"], res_positive(built))
+    assert np.array_equal(np.asarray(dev.scores["onnx-int8@rpi4"], dtype=np.float32), emu.astype(np.float32))
+    g = dev.device_gates[0]
+    assert g.artifact == "onnx-int8@rpi4" and g.verdict in ("PASS", "FAIL", "INSUFFICIENT EVIDENCE")
+    sub_y = np.array([1 if s in positives(synth_val) else 0 for s in dev.images])
+    again = gate("x", sub_y, np.asarray(dev.scores["onnx-fp32"]), emu, res.threshold, g.criteria)
+    assert (again.flips, again.delta_auc, again.verdict) == (g.flips, g.delta_auc, g.verdict)
+    diff = dev.differences[0]
+    assert diff.inputs_identical == 8 and diff.max_lsb is not None and diff.max_lsb <= 1.0
+    doc = res.to_dict()["device"]
+    assert doc["machine"] == "aarch64" and doc["versions"]["onnxruntime"] and doc["images"] == dev.images
+    assert "arm64 emulated (QEMU" in text and "onnxruntime " + onnxruntime.__version__ in text
+    assert "gate onnx-int8@rpi4 (device outputs)" in text and f"device gate: {dev.verdict}" in text
+    print("\n".join(dg.device_lines(dev)), file=sys.stderr)
+
+
+def res_positive(built: Any) -> list[int]:
+    from fundus_edge.bundle.read import load_bundle
+
+    return load_bundle(built.out).positive_classes
+
+
+def positives(labels_csv: Path) -> set[str]:
+    """The referable images of a labels CSV (grade >= 2), by resolved path, read with the project's reader."""
+    from fundus_edge.datasets.labels import read_labels
+
+    val = read_labels(labels_csv, None, 2)
+    return {str(p) for p, r in zip(val.paths, val.referable, strict=True) if r}
+
+
+def test_device_gate_after_build_runs_the_certification_images(built: Any, emulation_root: Path) -> None:
+    """`build --device rpi4 --device-gate`'s function: the report's certification images, labels and host scores."""
+    from fundus_edge.pipeline.device_gate import DeviceGateConfig
+    from fundus_edge.pipeline.device_gate_build import certification_indices, device_gate_after_build
+
+    report = json.loads((built.out / "report.json").read_text())
+    dev = device_gate_after_build(built.out, DeviceGateConfig("rpi4", 6, seed=1))
+    cert = report["images"]["certification"]
+    idx = certification_indices(report)
+    assert len(dev.images) == 6 and set(dev.images) <= set(cert) and dev.machine == "aarch64"
+    pos = [idx[cert.index(s)] for s in dev.images]  # positions in the build's validation order
+    assert np.allclose(dev.scores["onnx-fp32"], np.asarray(report["scores"]["onnx-fp32"])[pos])
+    assert set(dev.artifacts) == {a["id"] for a in report["artifacts"] if "int8" in a["id"]}
+    for d in dev.differences:  # the device outputs against the build's own int8 scores of the same images
+        host = np.asarray(report["scores"][d.artifact])[pos]
+        assert np.max(np.abs(np.asarray(dev.scores[f"{d.artifact}@rpi4"]) - host)) <= d.max_abs_probability + 1e-6
+    assert dev.verdict in ("PASS", "FAIL", "INSUFFICIENT EVIDENCE")
+    searched = {"quantization": {"onnx-int8": {"fallback": {"search_images": {"indices": [0, 2]}}}},
+                "labels": [0, 1, 0, 1, 1]}
+    assert certification_indices(searched) == [1, 3, 4]

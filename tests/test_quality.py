@@ -76,8 +76,10 @@ def test_score_and_failures_agree(judged: list[tuple[str, str, str | None, Quali
         assert (r.hint is None) == bool(r)
         assert set(r.measures) == set(MEASURES)
     # failures name the right kind of problem
-    fails = Counter(f for _, kind, _, r in judged if kind in ("blur", "motion-blur") for f in r.failed)
-    assert fails["sharpness"] >= 10
+    blur = Counter(f for _, kind, _, r in judged if kind == "blur" for f in r.failed)
+    shake = Counter(f for _, kind, _, r in judged if kind == "motion-blur" for f in r.failed)
+    assert blur["sharpness"] >= 5  # of 6: defocus is told by sharpness ...
+    assert shake["isotropy"] >= 5  # ... camera shake by the fine detail running one way
     assert all("brightness" in r.failed for _, kind, _, r in judged if kind in ("underexposed", "dark-noisy"))
     assert all("noise" in r.failed for _, kind, _, r in judged if kind == "noise")
 

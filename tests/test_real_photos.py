@@ -116,8 +116,11 @@ def test_default_quality_passes_real_photos_and_their_variants(
             if not r:
                 failures.setdefault(name, []).append(f"{photo.path.name}: {r.reasons}")
     n = len(decoded)
-    for name in ("full", "inscribed", "darker", "browner"):
-        assert len(failures.get(name, [])) <= n // 16, failures  # >= 15 of 16 per variant
+    # >= 97 % of each variant: every one of the 18 (measured: 18/18 full, inscribed, browner); the darkest end of
+    # the range misses 97 % on IDRiD's full set (96.3 %) and one of the 18 here (IDRiD_001: brightness)
+    for name in ("full", "inscribed", "browner"):
+        assert not failures.get(name), failures
+    assert len(failures.get("darker", [])) <= n // 16, failures
 
 
 def test_blurred_and_darkened_real_photo_is_rejected(decoded: list[tuple[open_fundus.Photo, Image.Image]]) -> None:
@@ -125,6 +128,21 @@ def test_blurred_and_darkened_real_photo_is_rejected(decoded: list[tuple[open_fu
         r, _ = assess_source(_jpeg(blurred_dark(img)), SPEC)
         assert not r, photo.path.name
         assert {"sharpness", "vessels"} & set(r.failed), r.failed
+
+
+def test_shaken_real_photo_is_rejected_for_shake(decoded: list[tuple[open_fundus.Photo, Image.Image]]) -> None:
+    """Camera shake (a straight smear of 2.5 % of the short side, datasets/degrade.py's motion blur at its
+    mildest) is refused on every real photo, by the isotropy of the fine detail, while the default sharpness
+    bound is low enough for the softest real camera."""
+    from fundus_edge.datasets.degrade import motion_blur
+
+    class _Fixed:  # the mildest smear, at an angle between the measure's axes
+        def uniform(self, lo: float, hi: float) -> float:
+            return 0.025 if hi < 1 else 0.4
+
+    for photo, img in decoded[::2]:
+        r, _ = assess_source(_jpeg(motion_blur(img, _Fixed())), SPEC)  # type: ignore[arg-type]
+        assert not r and {"isotropy", "sharpness"} & set(r.failed), (photo.path.name, r.failed, r.measures)
 
 
 def test_screening_result_reports_the_fov_in_the_photos_pixels(

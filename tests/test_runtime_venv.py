@@ -105,3 +105,13 @@ def test_runtime_venv_bench_and_emulate_skip_tflite(runtime_venv: Path, built: A
     doc = json.loads(r.stdout)
     assert doc["artifacts"] == ["onnx-int8"]
     assert any("tflite-int8 skipped" in n for n in doc["notes"])
+
+
+def test_runtime_venv_build_from_onnx_names_the_quantize_extra(runtime_venv: Path, tmp_path: Path) -> None:
+    """A device install cannot quantize a brought ONNX file; the error names the torch-free extra that can."""
+    from intake_files import tiny_onnx
+
+    model = tiny_onnx(tmp_path / "m.onnx")
+    r = run_cli(runtime_venv, "build", "--model", str(model), "--calib", "x", "--val", "y.csv", "--out", "z")
+    assert r.returncode == 3, r.stderr
+    assert "pip install 'fundus-edge[quantize]'" in r.stderr and "Traceback" not in r.stderr
