@@ -201,3 +201,24 @@ def test_a_batch_with_a_store_streams_results_as_they_are_made(built: Any, tmp_p
             assert first.startswith("p00.jpg") and ("REFER" in first or "NO-REFER" in first)
         with ResultStore(db) as s:  # the patient ID came from the environment, not from argv
             assert {r.patient_id for r in s.rows()} == {"MRN-ENV-5"}
+
+
+def test_a_second_watcher_on_the_same_folder_is_refused(built: Any, tmp_path: Path, real_photos: list[Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Two watchers on one folder raced for the same files (spurious not-found rows): the second is refused,
+    and once the first stops the folder can be watched again."""
+    from fundus_edge.runtime.field.watch import sole_watcher
+
+    inbox, db = tmp_path / "card", tmp_path / "r.db"
+    inbox.mkdir()
+    (inbox / "IMG_0001.jpg").write_bytes(_encode(_photo(real_photos[0]), "JPEG", quality=90))
+    argv = ["screen", "--bundle", str(built.out), "--watch", str(inbox), "--store", str(db), "--settle", "0",
+            "--poll", "0.05", "--exit-when-idle", "--jsonl"]
+    with sole_watcher(inbox):  # a watcher already running on the folder
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "already watching" in err and "Traceback" not in err
+        assert [p.name for p in inbox.iterdir()] == ["IMG_0001.jpg"]  # the refused watcher took nothing
+    assert main(argv) == 0  # the lock went with the first watcher
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [d["result"]["source"] for d in lines if "result" in d] == [str(inbox / "IMG_0001.jpg")]

@@ -25,6 +25,8 @@
   :data:`QUARANTINE_AFTER` attempts it is quarantined: stored and audited as an ``internal-error`` and handled like
   any failed image (``--after move``: into ``failed/``), and the queue goes on. Images too large for the device
   are refused before decoding (runtime/decode_limits.py), so they are recorded errors, not crashes.
+- **One watcher per folder.** A second watcher on the same directory is refused (a lock on the directory), so
+  two processes never race for one file.
 - **Stopping.** :meth:`Watcher.run` returns after the current image once ``stop`` is set (the CLI sets it on
   SIGINT/SIGTERM), so a stop never leaves a half-recorded image.
 
@@ -34,11 +36,13 @@ sticks, which inotify does not serve well) and costs one directory listing per `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +110,23 @@ class WatchSummary:
     def to_dict(self) -> dict[str, object]:
         return {"screened": self.screened, "stored": self.stored, "errors": self.errors, "skipped": self.skipped,
                 "skip_reasons": dict(self.skip_reasons), "deferred": self.deferred, "stopped_by": self.stopped_by}
+
+
+@contextlib.contextmanager
+def sole_watcher(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the watched directory itself (``flock`` on its descriptor: nothing is written
+    into a camera's folder) for as long as a watcher runs. A second watcher on the same folder is refused: two
+    would race for the same files (one moves a file the other is reading, leaving spurious not-found rows)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another fundus-edge watch is already watching {directory}: two watchers on one folder "
+                             "would race for the same files; stop the other one or watch another folder") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 class Watcher:
@@ -309,7 +330,12 @@ class Watcher:
         return rec
 
     def run(self) -> WatchSummary:
-        """Poll until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do)."""
+        """Poll until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do). Refused with
+        :class:`UsageError` while another watcher runs on the same directory."""
+        with sole_watcher(self.opt.directory):
+            return self._run()
+
+    def _run(self) -> WatchSummary:
         summary = self.summary
         while not self.stop.is_set():
             processed, waiting = self.poll_once()
