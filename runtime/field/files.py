@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .records import StoredScreening
+from .records import StoredScreening, fsync_dir
 
 MARK_SUFFIX = ".screened"
 
@@ -20,20 +20,7 @@ def write_synced(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def move_file(src: Path, dest_dir: Path, sha: str | None) -> Path:
@@ -53,10 +40,10 @@ def move_file(src: Path, dest_dir: Path, sha: str | None) -> Path:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(dest_dir)
+        fsync_dir(dest_dir)
         src.unlink()
-    _fsync_dir(dest_dir)
-    _fsync_dir(src.parent)
+    fsync_dir(dest_dir)
+    fsync_dir(src.parent)
     return target
 
 

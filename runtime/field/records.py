@@ -177,11 +177,12 @@ def export_file(rows: Iterator[StoredScreening], out: Path, fmt: str, include_pa
             raise StoreError(f"writing the export {out} failed: {exc.strerror or exc}; nothing was written "
                              "(the partial file was removed)") from exc
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return n
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """Make a rename or a new file in ``d`` durable (best effort: some filesystems refuse a directory fsync)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
