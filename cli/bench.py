@@ -21,14 +21,28 @@ def camera_sized_jpegs(folder: Path, n: int = 2, size: tuple[int, int] = (4000, 
     return out
 
 
+def bench_images(given: list[str] | None, folder: Path) -> list[str]:
+    """The images a benchmark times: those given, else two 12 MP synthetic photos written to ``folder`` plus the
+    sample photos when the checkout has them (a warning says when it does not)."""
+    from ..datasets.open_fundus import SAMPLES, SAMPLES_HELP
+    from ..runtime.screen import expand_inputs
+    from .output import warn
+
+    images = expand_inputs(given) if given else []
+    if not images:
+        images = camera_sized_jpegs(folder)
+        if SAMPLES.is_dir():
+            images += expand_inputs([SAMPLES])
+        else:
+            warn(f"12 MP synthetic photos only: {SAMPLES_HELP}")
+    return images
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
-    from ..datasets.open_fundus import SAMPLES, SAMPLES_HELP
     from ..devices.projection import DEFAULT_DEVICES, LABEL, format_projection, project_artifacts
     from ..runtime.backends import BackendSettings
     from ..runtime.bench import bundle_macs, format_table, run_bench
-    from ..runtime.screen import expand_inputs
-    from .output import warn
 
     if args.project:  # an unknown device fails before the benchmark runs, not after
         from ..devices.profile import get_profile
@@ -37,13 +51,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             get_profile(name)
 
     with tempfile.TemporaryDirectory(prefix="fe-bench-") as tmp:
-        images = expand_inputs(args.images) if args.images else []
-        if not images:
-            images = camera_sized_jpegs(Path(tmp))
-            if SAMPLES.is_dir():
-                images += expand_inputs([SAMPLES])
-            else:
-                warn(f"12 MP synthetic photos only: {SAMPLES_HELP}")
+        images = bench_images(args.images, Path(tmp))
         rows = run_bench(args.bundle, images, BackendSettings(threads=args.threads), args.artifacts,
                          repeats=args.repeats, cold=not args.no_cold_start)
     devices = DEFAULT_DEVICES if args.project is None else tuple(args.project)

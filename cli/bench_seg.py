@@ -12,24 +12,15 @@ from typing import Any
 
 def cmd_bench_seg(args: argparse.Namespace) -> int:
     from ..bundle.read import load_bundle
-    from ..datasets.open_fundus import SAMPLES, SAMPLES_HELP
     from ..runtime.backends import BackendSettings
     from ..runtime.bench_seg import format_seg_table, run_seg_bench, stage_summary, tile_counts
-    from ..runtime.screen import expand_inputs
-    from .bench import camera_sized_jpegs
-    from .output import warn
+    from .bench import bench_images
 
     notes = []
     if args.project:
         notes.append("no device projection for segmentation bundles: the manifest records no per-tile MAC count")
     with tempfile.TemporaryDirectory(prefix="fe-bench-") as tmp:
-        images = expand_inputs(args.images) if args.images else []
-        if not images:
-            images = camera_sized_jpegs(Path(tmp))
-            if SAMPLES.is_dir():
-                images += expand_inputs([SAMPLES])
-            else:
-                warn(f"12 MP synthetic photos only: {SAMPLES_HELP}")
+        images = bench_images(args.images, Path(tmp))
         rows = run_seg_bench(args.bundle, images, BackendSettings(threads=args.threads), args.artifacts,
                              repeats=args.repeats, cold=not args.no_cold_start)
         tiles = tile_counts(load_bundle(args.bundle), images)
