@@ -34,7 +34,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                        referable_from=args.referable_from, artifacts=args.artifacts, device=device,
                        log=lambda s: print(s, file=sys.stderr, flush=True), stability=stability)
     emit(args, result.to_dict(), format_check(result))
-    return {"PASS": 0, "INSUFFICIENT EVIDENCE": 15}.get(result.verdict, 8)
+    from ..errors import GateFailedError, GateInsufficientEvidenceError
+
+    return {"PASS": 0, "INSUFFICIENT EVIDENCE": GateInsufficientEvidenceError.exit_code}.get(
+        result.verdict, GateFailedError.exit_code)
 
 
 def _model_name(model: dict[str, Any]) -> str:
