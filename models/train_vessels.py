@@ -166,7 +166,8 @@ def train(data: Path, out: Path, minutes: float = 40.0, patch: int = 128, batch_
         ckpt = torch.load(str(init), map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["state_dict"])
         previous = {"init": init.name, "steps": ckpt["training"]["steps"], "seconds": ckpt["training"]["seconds"],
-                    "lr": ckpt["training"]["lr"], "earlier": ckpt["training"].get("previous", {})}
+                    "lr": ckpt["training"]["lr"],
+                    "seed": ckpt["training"].get("seed"), "earlier": ckpt["training"].get("previous", {})}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     # The schedule runs on wall-clock time (cosine over the budget), so the run fits the budget however busy
     # the machine is; the number of steps it reached is recorded.
@@ -228,18 +229,35 @@ def _stages(training: dict[str, Any]) -> list[dict[str, Any]]:
     return list(reversed(chain))
 
 
+def _seed(stage: dict[str, Any], index: int) -> Any:
+    """A stage's seed (checkpoints before the seed was recorded in the chain used the stage's index)."""
+    return stage["seed"] if stage.get("seed") is not None else index
+
+
+def _chain_text(stages: list[dict[str, Any]], steps_text: str, total_min: float) -> str:
+    if len(stages) == 1:
+        return f"{steps_text}."
+    budget = " (over the 45-minute budget)" if total_min > 45 else ""
+    return (f"{len(stages)} wall-clock-budgeted stages, each continuing the previous one's weights (`--init`): "
+            f"{steps_text}; {sum(st['steps'] for st in stages)} steps, {total_min:.0f} min of training in all{budget}. "
+            "Each further stage was started because the training loss was still falling, and its weights were "
+            "adopted only when the validation AUC rose; test photos were evaluated at the end of each stage and "
+            "never used to choose anything.")
+
+
 def write_card(meta: dict[str, Any], path: Path, weights: str) -> None:
     """The model card, from the numbers the run measured."""
     t, spec = meta["training"], meta["dense_preprocessing"]
     sp = t["splits"]
     stages = _stages(t)
     steps_text = "; ".join(f"stage {i + 1}: {st['steps']} steps in {st['seconds'] / 60:.0f} min "
-                           f"(lr {st['lr']}, seed {i})" for i, st in enumerate(stages))
+                           f"(lr {st['lr']}, seed {_seed(st, i)})" for i, st in enumerate(stages))
     total_min = sum(st["seconds"] for st in stages) / 60
     reproduce = "\n".join(
         f"    python -m fundus_edge.models.train_vessels --data /work/shared/open-fundus "
         f"--out {'models/weights/' + weights if i == len(stages) - 1 else f'stage{i + 1}.pt'}"
-        f"{f' --init stage{i}.pt' if i else ''} --lr {st['lr']} --seed {i} --minutes {st['seconds'] / 60 + 6:.0f}"
+        f"{f' --init stage{i}.pt' if i else ''} --lr {st['lr']} --seed {_seed(st, i)} "
+        f"--minutes {st['seconds'] / 60 + 6:.0f}"
         for i, st in enumerate(stages))
     met = all(v["auc"] >= 0.97 and v["f1"] >= 0.78 for v in t["test"].values())
     rows = "\n".join([_row("validation (threshold locked here)", t["val"])]
@@ -260,12 +278,9 @@ def write_card(meta: dict[str, Any], path: Path, weights: str) -> None:
   {len(sp['test-chase_db1'])} ({', '.join(sp['test-chase_db1'])}). Test photos were never read before training ended.
 - **Training**: random {t['patch']} px patches centred in the FOV, batch {t['batch']}, flips, 90-degree
   rotations, contrast/brightness jitter; {t['loss']}; AdamW, cosine over the wall-clock budget;
-  {len(stages)} wall-clock-budgeted stages, each continuing the previous one's weights (`--init`): {steps_text};
-  {sum(st['steps'] for st in stages)} steps, {total_min:.0f} min of training in all (over the issue's 45-minute
-  budget), on 1-2 CPU threads of a 2-core machine mostly shared with other jobs (torch {t['torch']}). Wall-clock
-  budgets, so a quieter machine runs more steps. Each further stage was started because the training loss was
-  still falling, and its weights were adopted only when the validation AUC rose; test photos were evaluated at the
-  end of each stage and never used to choose anything.
+  {_chain_text(stages, steps_text, total_min)} Trained on a 2-core machine shared with other jobs
+  ({t['threads']} torch thread(s) in the last stage; torch {t['torch']}); wall-clock budgets, so a quieter machine
+  runs more steps.
 
 ## Results (pixel level, pooled over each split, in the original photos' pixels, inside the FOV)
 
